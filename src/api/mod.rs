@@ -1,0 +1,38 @@
+//! The `TailscaleNode` custom resource (`tailnode.dev/v1alpha1`) and the well-known names that
+//! tie pods to it. Types only: no I/O.
+
+mod spec;
+mod status;
+
+pub use spec::*;
+pub use status::*;
+
+/// API group of every tailnode resource.
+pub const GROUP: &str = "tailnode.dev";
+
+/// Pod (template) label that opts a pod in; its value names a TailscaleNode in the pod's namespace.
+pub const NODE_LABEL: &str = "tailnode.dev/node";
+/// Pod annotation that records the injected spec hash; its presence makes injection a no-op.
+pub const INJECTED_ANNOTATION: &str = "tailnode.dev/injected";
+/// Pod annotation that records the networking mode the engine chose (`userspace` or `tun`).
+pub const MODE_ANNOTATION: &str = "tailnode.dev/mode";
+/// Pod annotation that overrides the Tailscale hostname of this one pod.
+pub const HOSTNAME_ANNOTATION: &str = "tailnode.dev/hostname";
+/// Name of the injected sidecar container.
+pub const SIDECAR_NAME: &str = "tailscale";
+/// The label a StatefulSet controller puts on each pod with its ordinal.
+pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
+
+/// Name of the per-replica state Secret for the pod called `pod_name`. The injected sidecar
+/// derives the same name from `$(POD_NAME)`; the controller uses this to pre-create it.
+pub fn state_secret_name(pod_name: &str) -> String {
+    format!("ts-{pod_name}")
+}
+
+/// Name of the ConfigMap holding a TailscaleNode's rendered serve config.
+pub fn serve_config_map_name(node: &str) -> String {
+    format!("tsn-{node}-serve")
+}
+
+#[cfg(test)]
+mod tests;

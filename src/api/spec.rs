@@ -1,0 +1,354 @@
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::TailscaleNodeStatus;
+
+/// Puts the pods labelled `tailnode.dev/node: <name>` in this namespace on a Tailscale tailnet by
+/// injecting a Tailscale sidecar (containerboot) into each of them.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "tailnode.dev",
+    version = "v1alpha1",
+    kind = "TailscaleNode",
+    namespaced,
+    shortname = "tsn",
+    status = "TailscaleNodeStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    cel,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.totalReplicas"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!has(self.exitNode) || !has(self.exitNode.use) || !has(self.routes) || !has(self.routes.advertise) || size(self.routes.advertise) == 0"
+).message("a node that uses an exit node cannot advertise routes at the same time"))]
+pub struct TailscaleNodeSpec {
+    /// How the sidecar reaches the tailnet. `userspace` (default) needs no privileges and fits
+    /// PodSecurity `restricted`: inbound tailnet traffic lands on 127.0.0.1, outbound goes through
+    /// the SOCKS5/HTTP proxies. `tun` creates a real `tailscale0` interface (needs NET_ADMIN and
+    /// /dev/net/tun). `auto` picks `tun` when the namespace's PodSecurity `enforce` level allows
+    /// NET_ADMIN and `userspace` otherwise; the choice is recorded on the pod.
+    #[serde(default)]
+    pub mode: Mode,
+
+    /// Tailscale hostname prefix. StatefulSet replicas become `<hostname>-<ordinal>`; other pods
+    /// `<hostname>-<pod name>`. Defaults to the TailscaleNode's name for StatefulSets and to the
+    /// pod name otherwise. The pod annotation `tailnode.dev/hostname` overrides it for one pod.
+    /// A DNS label of at most 52 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 52))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message(
+        "hostname must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit"
+    ))]
+    pub hostname: Option<String>,
+
+    /// ACL tags the devices join with, e.g. `tag:k8s`. Keys minted through an OAuth client must
+    /// carry tags the client owns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(t, t.matches('^tag:[a-zA-Z0-9][-a-zA-Z0-9_]*$'))").message(
+        "every tag must look like 'tag:<name>' (letters, digits, '-' or '_')"
+    ))]
+    pub tags: Vec<String>,
+
+    /// Ephemeral devices are removed by the control server soon after they go offline.
+    #[serde(default)]
+    pub ephemeral: bool,
+
+    /// Where auth keys come from. Exactly one of `oauth`, `headscale` or `authKey`. When omitted,
+    /// the operator's cluster-wide default credentials are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Credentials>,
+
+    /// Control server (login server) URL, e.g. `https://headscale.example.com`. Defaults to the
+    /// Headscale URL of the credentials, else the operator default, else Tailscale's own.
+    #[serde(default, rename = "controlURL", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^\\\\s/]+(/.*)?$')").message(
+        "controlURL must be an http:// or https:// URL"
+    ))]
+    pub control_url: Option<String>,
+
+    /// Endpoints exposed with `tailscale serve` (and optionally Funnel). One entry per port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.all(e, self.exists_one(f, f.port == e.port))").message(
+        "serve ports must be unique: each port can be listed once"
+    ))]
+    pub serve: Vec<ServeEndpoint>,
+
+    /// Outbound proxies for userspace mode, optionally exported to the app containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<Outbound>,
+
+    /// Subnet routes to advertise, and whether to accept routes other nodes advertise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Routes>,
+
+    /// Offer this node as an exit node, or send its internet traffic through one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_node: Option<ExitNode>,
+
+    /// Settings of the injected sidecar container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarSpec>,
+}
+
+/// Networking mode of the sidecar.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// No privileges; inbound on 127.0.0.1, outbound through proxies.
+    #[default]
+    Userspace,
+    /// A kernel `tailscale0` interface; needs NET_ADMIN and /dev/net/tun.
+    Tun,
+    /// `tun` where the namespace's PodSecurity level allows it, else `userspace`.
+    Auto,
+}
+
+/// Credential source. Set exactly one field.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "(has(self.oauth) ? 1 : 0) + (has(self.headscale) ? 1 : 0) + (has(self.authKey) ? 1 : 0) == 1"
+).message("credentials: set exactly one of oauth, headscale or authKey"))]
+pub struct Credentials {
+    /// A Tailscale OAuth client (scopes `auth_keys` and `devices:core`) that mints one
+    /// single-use key per replica and deletes devices that are gone for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuthCredentials>,
+    /// A Headscale server and an API key for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headscale: Option<HeadscaleCredentials>,
+    /// A static auth key (no minting, no device cleanup). Must be reusable for more than one replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_key: Option<AuthKeyCredentials>,
+}
+
+/// A Tailscale OAuth client stored in a Secret of this namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuthCredentials {
+    /// Secret holding the client id and secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// Key of the client id in the Secret (default `client_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id_key: Option<String>,
+    /// Key of the client secret in the Secret (default `client_secret`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_key: Option<String>,
+    /// Base URL of the Tailscale API (default `https://api.tailscale.com`).
+    #[serde(default, rename = "apiURL", skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
+    /// Tailnet name (default `-`, the client's own tailnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tailnet: Option<String>,
+}
+
+/// A Headscale control server and an API key for it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeadscaleCredentials {
+    /// Headscale's URL; also used as the login server unless `controlURL` is set.
+    #[schemars(length(max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^\\\\s/]+(/.*)?$')").message(
+        "headscale.url must be an http:// or https:// URL"
+    ))]
+    pub url: String,
+    /// Secret holding the API key.
+    #[schemars(length(min = 1, max = 253))]
+    pub api_key_secret_name: String,
+    /// Key of the API key in the Secret (default `api-key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_key: Option<String>,
+    /// Headscale user that owns the keys: its numeric id or its name.
+    #[schemars(length(min = 1, max = 128))]
+    pub user: String,
+}
+
+/// A static auth key stored in a Secret of this namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthKeyCredentials {
+    /// Secret holding the auth key.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// Key of the auth key in the Secret (default `authkey`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// One `tailscale serve` endpoint.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!has(self.funnel) || !self.funnel || (self.protocol == 'https' && self.port in [443, 8443, 10000])"
+).message("funnel works only with protocol https on port 443, 8443 or 10000"))]
+#[x_kube(validation = Rule::new(
+    "self.protocol == 'tcp' ? self.target.matches('^tcp://[^/]+:[0-9]+$') : self.target.matches('^https?(\\\\+insecure)?://')"
+).message("target must be tcp://host:port for protocol tcp, and an http://, https:// or https+insecure:// URL otherwise"))]
+#[x_kube(validation = Rule::new("self.protocol != 'tcp' || !has(self.path)").message(
+    "path applies only to http and https endpoints"
+))]
+pub struct ServeEndpoint {
+    /// Tailnet port to listen on.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// `https` (TLS terminated by Tailscale), `http`, or `tcp` (raw TCP forward).
+    pub protocol: ServeProtocol,
+    /// Where traffic goes, inside the pod: `http://127.0.0.1:8080` or `tcp://127.0.0.1:5432`.
+    #[schemars(length(max = 256))]
+    pub target: String,
+    /// URL path this handler serves (http and https only; default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("path must start with '/'"))]
+    pub path: Option<String>,
+    /// Expose this endpoint to the public internet with Funnel (https on 443, 8443 or 10000 only;
+    /// the tailnet policy must grant the node's tag the `funnel` attribute).
+    #[serde(default)]
+    pub funnel: bool,
+}
+
+/// Protocol of a serve endpoint.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ServeProtocol {
+    /// TLS terminated by Tailscale with the node's certificate.
+    #[default]
+    Https,
+    /// Plain HTTP.
+    Http,
+    /// Raw TCP forwarding.
+    Tcp,
+}
+
+/// Outbound proxies that tailscaled offers inside the pod (userspace mode reaches the tailnet only
+/// through them; they also resolve MagicDNS names).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.socks5Port) || has(self.httpProxyPort)").message(
+    "outbound: set socks5Port, httpProxyPort, or both"
+))]
+pub struct Outbound {
+    /// Port of a SOCKS5 proxy on localhost (e.g. 1055).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub socks5_port: Option<u16>,
+    /// Port of an HTTP CONNECT proxy on localhost (e.g. 1056).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub http_proxy_port: Option<u16>,
+    /// Set `ALL_PROXY`, `HTTP_PROXY`, `HTTPS_PROXY` and `NO_PROXY` (and their lower-case forms)
+    /// in the app containers. A variable the container already sets is left as it is.
+    #[serde(default)]
+    pub export_env: bool,
+    /// Extra `NO_PROXY` entries (localhost and cluster-internal names are always included).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 253)))]
+    pub no_proxy: Vec<String>,
+}
+
+/// Subnet routing.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Routes {
+    /// CIDRs to advertise as subnet routes, e.g. `10.0.0.0/24`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(r, isCIDR(r))").message(
+        "routes.advertise entries must be CIDRs such as 10.0.0.0/24 or fd00::/64"
+    ))]
+    pub advertise: Vec<String>,
+    /// Accept subnet routes advertised by other nodes.
+    #[serde(default)]
+    pub accept: bool,
+}
+
+/// Exit node settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.advertise) && self.advertise && has(self.use))").message(
+    "exitNode: a node cannot advertise itself as an exit node and use another one"
+))]
+pub struct ExitNode {
+    /// Offer this node as an exit node.
+    #[serde(default)]
+    pub advertise: bool,
+    /// Send internet traffic through this exit node (its tailnet IP or name).
+    #[serde(default, rename = "use", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub use_node: Option<String>,
+}
+
+/// Sidecar container settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    /// Image of the sidecar (default: the operator's, a `tailscale/tailscale` release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Image pull policy of the sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// Resource requests and limits of the sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// `auto` (default): a native sidecar (an init container with `restartPolicy: Always`) where
+    /// the cluster supports it, so Jobs complete and the tunnel is up before the app starts;
+    /// `always`; or `never` (a regular container).
+    #[serde(default)]
+    pub native_sidecar: NativeSidecar,
+    /// Extra environment variables for the sidecar (added after tailnode's own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Port of the sidecar's health endpoint (`/healthz`) used by its probes (default 9002).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub health_port: Option<u16>,
+    /// TUN mode only: run the sidecar `privileged` (some clusters need it for kernel networking).
+    #[serde(default)]
+    pub privileged: bool,
+}
+
+/// Image pull policy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PullPolicy {
+    /// Always pull.
+    Always,
+    /// Pull when the image is not on the node.
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+impl PullPolicy {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// Whether the sidecar is a native sidecar.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NativeSidecar {
+    /// Native where the cluster supports it.
+    #[default]
+    Auto,
+    /// Always native.
+    Always,
+    /// Always a regular container.
+    Never,
+}

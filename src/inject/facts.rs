@@ -1,0 +1,98 @@
+use serde::{Deserialize, Serialize};
+
+/// What the engine needs to know about the cluster and the operator; gathered by the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterFacts {
+    /// The apiserver runs native sidecars (init containers with `restartPolicy: Always`): 1.29+.
+    pub native_sidecars: bool,
+    /// The `pod-security.kubernetes.io/enforce` level of the pod's namespace.
+    pub pod_security: PodSecurityLevel,
+    /// What kind of workload the pod template belongs to, when the caller knows it (the CLI does;
+    /// the webhook learns StatefulSets from the pod's owner reference).
+    pub workload: WorkloadKind,
+    /// Operator-wide defaults.
+    pub defaults: OperatorDefaults,
+}
+
+impl Default for ClusterFacts {
+    fn default() -> Self {
+        ClusterFacts {
+            native_sidecars: true,
+            pod_security: PodSecurityLevel::Privileged,
+            workload: WorkloadKind::Other,
+            defaults: OperatorDefaults::default(),
+        }
+    }
+}
+
+/// Operator-wide defaults that a TailscaleNode may override.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatorDefaults {
+    /// Sidecar image.
+    pub image: String,
+    /// Login server used when neither the spec nor its credentials name one.
+    pub control_url: Option<String>,
+    /// Pass `--no-logs-no-support` to tailscaled (no log upload to Tailscale).
+    pub no_logs_no_support: bool,
+}
+
+/// Default sidecar image: the tailscale release the project tests against.
+pub const DEFAULT_IMAGE: &str = "tailscale/tailscale:v1.102.5";
+
+impl Default for OperatorDefaults {
+    fn default() -> Self {
+        OperatorDefaults {
+            image: DEFAULT_IMAGE.to_string(),
+            control_url: None,
+            no_logs_no_support: true,
+        }
+    }
+}
+
+/// A PodSecurity admission level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PodSecurityLevel {
+    /// No restrictions (also the default when a namespace has no label).
+    #[default]
+    Privileged,
+    /// Baseline: no NET_ADMIN, no hostPath.
+    Baseline,
+    /// Restricted: baseline plus non-root, drop ALL, RuntimeDefault seccomp.
+    Restricted,
+}
+
+impl PodSecurityLevel {
+    /// The level named by a namespace's `pod-security.kubernetes.io/enforce` label value. No label
+    /// means privileged (the apiserver default); an unknown value is treated as restricted.
+    pub fn from_label(value: Option<&str>) -> Self {
+        match value {
+            None | Some("privileged") => PodSecurityLevel::Privileged,
+            Some("baseline") => PodSecurityLevel::Baseline,
+            Some(_) => PodSecurityLevel::Restricted,
+        }
+    }
+
+    /// The label spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PodSecurityLevel::Privileged => "privileged",
+            PodSecurityLevel::Baseline => "baseline",
+            PodSecurityLevel::Restricted => "restricted",
+        }
+    }
+
+    /// Only `privileged` admits NET_ADMIN and a hostPath /dev/net/tun.
+    pub fn allows_net_admin(self) -> bool {
+        self == PodSecurityLevel::Privileged
+    }
+}
+
+/// The workload a pod template belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkloadKind {
+    /// A StatefulSet: replicas have stable ordinals.
+    StatefulSet,
+    /// Anything else.
+    #[default]
+    Other,
+}

@@ -1,0 +1,223 @@
+//! The injection engine: a pure function from (pod, TailscaleNode, cluster facts) to the injected
+//! pod, or the reason nothing was done. No I/O, no clock; the webhook and `tailnode inject` call it.
+
+mod env;
+mod facts;
+mod serve;
+mod sidecar;
+
+pub use facts::{ClusterFacts, DEFAULT_IMAGE, OperatorDefaults, PodSecurityLevel, WorkloadKind};
+pub use serve::{ServeConfig, render_serve_config};
+
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use sha2::{Digest, Sha256};
+
+use crate::api::{
+    HOSTNAME_ANNOTATION, INJECTED_ANNOTATION, MODE_ANNOTATION, Mode, NODE_LABEL, NativeSidecar, SIDECAR_NAME,
+    TailscaleNode, TailscaleNodeSpec,
+};
+
+/// Why the engine left a pod as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// The pod has no `tailnode.dev/node` label.
+    NotOptedIn,
+    /// The pod names another TailscaleNode than the one given.
+    OtherNode(String),
+    /// The pod already carries the sidecar or the injected annotation.
+    AlreadyInjected,
+}
+
+/// What the engine did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome<T> {
+    /// The injected object and the mode that was chosen.
+    Injected { object: T, mode: EffectiveMode },
+    /// Nothing to do.
+    Skipped(Skip),
+}
+
+/// The networking mode after `auto` is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EffectiveMode {
+    /// Userspace networking.
+    Userspace,
+    /// Kernel TUN networking.
+    Tun,
+}
+
+impl EffectiveMode {
+    /// Lower-case name, as recorded in the `tailnode.dev/mode` annotation.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EffectiveMode::Userspace => "userspace",
+            EffectiveMode::Tun => "tun",
+        }
+    }
+}
+
+/// A pod the engine refuses to inject; the message tells the user what to change.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum InjectError {
+    /// TUN was asked for in a namespace whose PodSecurity level forbids NET_ADMIN.
+    #[error(
+        "TailscaleNode {node} asks for mode tun, but namespace PodSecurity level '{level}' forbids NET_ADMIN and hostPath /dev/net/tun; use mode userspace or auto, or relax the namespace's pod-security.kubernetes.io/enforce label"
+    )]
+    TunForbidden { node: String, level: &'static str },
+    /// hostNetwork pods would put the node's own network on the tailnet.
+    #[error("pod uses hostNetwork; tailnode injects only pods with their own network namespace")]
+    HostNetwork,
+    /// A volume or container the engine adds already exists under that name.
+    #[error("pod already has a {what} named '{name}', which tailnode needs for its sidecar; rename it")]
+    NameTaken { what: &'static str, name: String },
+    /// A native sidecar was demanded where the cluster cannot run one.
+    #[error(
+        "TailscaleNode {node} sets sidecar.nativeSidecar: always, but this cluster does not support native sidecars (Kubernetes 1.29+)"
+    )]
+    NativeUnsupported { node: String },
+}
+
+/// Injects a Pod. The pod must name `node` with its label; see [`inject_template`].
+pub fn inject_pod(pod: &Pod, node: &TailscaleNode, facts: &ClusterFacts) -> Result<Outcome<Pod>, InjectError> {
+    let template = PodTemplateSpec {
+        metadata: Some(pod.metadata.clone()),
+        spec: pod.spec.clone(),
+    };
+    Ok(match inject_template(&template, node, facts)? {
+        Outcome::Injected { object, mode } => Outcome::Injected {
+            object: Pod {
+                metadata: object.metadata.unwrap_or_default(),
+                spec: object.spec,
+                status: pod.status.clone(),
+            },
+            mode,
+        },
+        Outcome::Skipped(skip) => Outcome::Skipped(skip),
+    })
+}
+
+/// Injects a pod template (of a Pod, Deployment, StatefulSet, Job, ...). Everything the engine does
+/// not add stays exactly as it was, order included.
+pub fn inject_template(
+    template: &PodTemplateSpec,
+    node: &TailscaleNode,
+    facts: &ClusterFacts,
+) -> Result<Outcome<PodTemplateSpec>, InjectError> {
+    let meta = template.metadata.clone().unwrap_or_default();
+    let node_name = node.metadata.name.clone().unwrap_or_default();
+    match meta.labels.as_ref().and_then(|l| l.get(NODE_LABEL)) {
+        None => return Ok(Outcome::Skipped(Skip::NotOptedIn)),
+        Some(named) if *named != node_name => return Ok(Outcome::Skipped(Skip::OtherNode(named.clone()))),
+        Some(_) => {}
+    }
+    let spec = template.spec.clone().unwrap_or_default();
+    if is_injected(&meta, &spec) {
+        return Ok(Outcome::Skipped(Skip::AlreadyInjected));
+    }
+    if spec.host_network == Some(true) {
+        return Err(InjectError::HostNetwork);
+    }
+    let mode = effective_mode(&node_name, &node.spec, facts)?;
+    let native = match node.spec.sidecar.as_ref().map(|s| s.native_sidecar).unwrap_or_default() {
+        NativeSidecar::Auto => facts.native_sidecars,
+        NativeSidecar::Always if !facts.native_sidecars => {
+            return Err(InjectError::NativeUnsupported { node: node_name });
+        }
+        NativeSidecar::Always => true,
+        NativeSidecar::Never => false,
+    };
+    let plan = sidecar::Plan {
+        node_name: &node_name,
+        spec: &node.spec,
+        facts,
+        mode,
+        native,
+        hostname: hostname_for(&meta, &node_name, &node.spec, facts.workload),
+        own_token: spec.automount_service_account_token == Some(false),
+    };
+    let mut spec = spec;
+    sidecar::add(&mut spec, &plan)?;
+    let mut meta = meta;
+    let annotations = meta.annotations.get_or_insert_with(Default::default);
+    annotations.insert(
+        INJECTED_ANNOTATION.to_string(),
+        spec_hash(&node.spec, facts, mode, native),
+    );
+    annotations.insert(MODE_ANNOTATION.to_string(), mode.as_str().to_string());
+    Ok(Outcome::Injected {
+        object: PodTemplateSpec {
+            metadata: Some(meta),
+            spec: Some(spec),
+        },
+        mode,
+    })
+}
+
+/// True when the pod already carries tailnode's sidecar or its mark.
+pub fn is_injected(meta: &ObjectMeta, spec: &PodSpec) -> bool {
+    let marked = meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION));
+    let has_sidecar = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == SIDECAR_NAME);
+    marked || has_sidecar
+}
+
+/// Resolves `auto` against the namespace's PodSecurity level and refuses TUN where it cannot run.
+pub fn effective_mode(
+    node: &str,
+    spec: &TailscaleNodeSpec,
+    facts: &ClusterFacts,
+) -> Result<EffectiveMode, InjectError> {
+    let tun_allowed = facts.pod_security.allows_net_admin();
+    match spec.mode {
+        Mode::Userspace => Ok(EffectiveMode::Userspace),
+        Mode::Auto if tun_allowed => Ok(EffectiveMode::Tun),
+        Mode::Auto => Ok(EffectiveMode::Userspace),
+        Mode::Tun if tun_allowed => Ok(EffectiveMode::Tun),
+        Mode::Tun => Err(InjectError::TunForbidden {
+            node: node.to_string(),
+            level: facts.pod_security.as_str(),
+        }),
+    }
+}
+
+/// The `TS_HOSTNAME` value: the pod annotation, else `<prefix>-$(TS_POD_INDEX)` for StatefulSet
+/// replicas, else `[<prefix>-]$(POD_NAME)`. `$(VAR)` references are expanded by the kubelet.
+fn hostname_for(meta: &ObjectMeta, node: &str, spec: &TailscaleNodeSpec, workload: WorkloadKind) -> String {
+    if let Some(h) = meta.annotations.as_ref().and_then(|a| a.get(HOSTNAME_ANNOTATION)) {
+        return h.clone();
+    }
+    let stateful = workload == WorkloadKind::StatefulSet
+        || meta
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "StatefulSet" && o.controller == Some(true));
+    match (&spec.hostname, stateful) {
+        (Some(prefix), true) => format!("{prefix}-$({})", sidecar::POD_INDEX_ENV),
+        (None, true) => format!("{node}-$({})", sidecar::POD_INDEX_ENV),
+        (Some(prefix), false) => format!("{prefix}-$(POD_NAME)"),
+        (None, false) => "$(POD_NAME)".to_string(),
+    }
+}
+
+/// A short, stable hash of everything that shaped the injected sidecar.
+pub fn spec_hash(spec: &TailscaleNodeSpec, facts: &ClusterFacts, mode: EffectiveMode, native: bool) -> String {
+    let mut h = Sha256::new();
+    // Serialising typed values with sorted fields is deterministic.
+    h.update(serde_json::to_vec(spec).unwrap_or_default());
+    h.update(serde_json::to_vec(&facts.defaults).unwrap_or_default());
+    h.update(mode.as_str().as_bytes());
+    h.update([u8::from(native)]);
+    let digest = h.finalize();
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;
