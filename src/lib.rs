@@ -10,3 +10,9 @@ pub mod args;
 pub mod crd;
 pub mod inject;
 pub mod manifest;
+
+/// Installs the process-wide TLS crypto provider (ring). Call once before any TLS client or
+/// server is built; later calls are no-ops.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -47,8 +47,8 @@ pub struct TailscaleNodeSpec {
     ))]
     pub hostname: Option<String>,
 
-    /// ACL tags the devices join with, e.g. `tag:k8s`. Keys minted through an OAuth client must
-    /// carry tags the client owns.
+    /// ACL tags the devices join with, e.g. `tag:k8s`. They are set on the auth key minted for
+    /// each replica (an OAuth client must own them); with a static `authKey`, the key's own tags apply.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(max = 64)))]
     #[x_kube(validation = Rule::new("self.all(t, t.matches('^tag:[a-zA-Z0-9][-a-zA-Z0-9_]*$'))").message(

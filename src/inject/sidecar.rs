@@ -135,7 +135,8 @@ fn field_ref(name: &str, path: &str) -> EnvVar {
     }
 }
 
-/// The `tailscale up` arguments: login server, tags, routes, exit node.
+/// The `tailscale up` arguments: login server, routes, exit node. Tags are not advertised: they
+/// ride on the auth key the controller mints (Headscale refuses `--advertise-tags` with a key).
 pub(super) fn extra_args(plan: &Plan<'_>) -> Vec<String> {
     let spec = plan.spec;
     let mut args = Vec::new();
@@ -151,9 +152,6 @@ pub(super) fn extra_args(plan: &Plan<'_>) -> Vec<String> {
         .or_else(|| plan.facts.defaults.control_url.clone());
     if let Some(url) = login {
         args.push(format!("--login-server={url}"));
-    }
-    if !spec.tags.is_empty() {
-        args.push(format!("--advertise-tags={}", spec.tags.join(",")));
     }
     if spec.routes.as_ref().is_some_and(|r| r.accept) {
         args.push("--accept-routes".to_string());

@@ -98,7 +98,7 @@ fn userspace_native_sidecar_passes_restricted() {
     assert_eq!(env_value(c, "TS_HOSTNAME").as_deref(), Some("web-$(POD_NAME)"));
     assert_eq!(
         env_value(c, "TS_EXTRA_ARGS").as_deref(),
-        Some("--login-server=http://127.0.0.1:8080 --advertise-tags=tag:k8s")
+        Some("--login-server=http://127.0.0.1:8080")
     );
     assert_eq!(
         env_value(c, "TS_SERVE_CONFIG").as_deref(),
