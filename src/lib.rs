@@ -10,6 +10,8 @@ pub mod args;
 pub mod crd;
 pub mod inject;
 pub mod manifest;
+pub mod metrics;
+pub mod tsapi;
 
 /// Installs the process-wide TLS crypto provider (ring). Call once before any TLS client or
 /// server is built; later calls are no-ops.
