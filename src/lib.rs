@@ -7,6 +7,7 @@
 pub mod api;
 pub mod app;
 pub mod args;
+pub mod controller;
 pub mod crd;
 pub mod inject;
 pub mod manifest;

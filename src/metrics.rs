@@ -3,7 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Labels of a reconcile.
@@ -81,7 +81,11 @@ impl Default for Metrics {
             admission_duration.clone(),
         );
         registry.register("key_mints", "Auth keys minted, by API and outcome", key_mints.clone());
-        registry.register("device_deletions", "Devices deleted, by API and outcome", device_deletions.clone());
+        registry.register(
+            "device_deletions",
+            "Devices deleted, by API and outcome",
+            device_deletions.clone(),
+        );
         registry.register("api_retries", "Retried key-API calls, by cause", api_retries.clone());
         Metrics {
             registry,
@@ -113,11 +117,24 @@ mod tests {
     #[test]
     fn encodes_counters_with_labels() {
         let m = Metrics::default();
-        m.admissions.get_or_create(&AdmissionLabels { result: "injected" }).inc();
-        m.key_mints.get_or_create(&ApiLabels { api: "headscale", outcome: "ok" }).inc_by(2);
+        m.admissions
+            .get_or_create(&AdmissionLabels { result: "injected" })
+            .inc();
+        m.key_mints
+            .get_or_create(&ApiLabels {
+                api: "headscale",
+                outcome: "ok",
+            })
+            .inc_by(2);
         let text = m.encode();
-        assert!(text.contains("tailnode_admissions_total{result=\"injected\"} 1"), "{text}");
-        assert!(text.contains("tailnode_key_mints_total{api=\"headscale\",outcome=\"ok\"} 2"), "{text}");
+        assert!(
+            text.contains("tailnode_admissions_total{result=\"injected\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tailnode_key_mints_total{api=\"headscale\",outcome=\"ok\"} 2"),
+            "{text}"
+        );
         assert!(text.contains("# EOF"));
     }
 }

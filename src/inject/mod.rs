@@ -8,6 +8,7 @@ mod sidecar;
 
 pub use facts::{ClusterFacts, DEFAULT_IMAGE, OperatorDefaults, PodSecurityLevel, WorkloadKind};
 pub use serve::{ServeConfig, render_serve_config};
+pub use sidecar::{DEFAULT_HEALTH_PORT, SERVE_DIR, SERVE_FILE};
 
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;

@@ -29,7 +29,10 @@ pub struct MintedKey {
 
 impl std::fmt::Debug for MintedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MintedKey").field("id", &self.id).field("key", &"<redacted>").finish()
+        f.debug_struct("MintedKey")
+            .field("id", &self.id)
+            .field("key", &"<redacted>")
+            .finish()
     }
 }
 
@@ -76,7 +79,10 @@ impl ApiError {
 
     /// True when the same call may succeed later without a change on the user's side.
     pub fn is_transient(&self) -> bool {
-        matches!(self, ApiError::RateLimited { .. } | ApiError::Server { .. } | ApiError::Transport(_))
+        matches!(
+            self,
+            ApiError::RateLimited { .. } | ApiError::Server { .. } | ApiError::Transport(_)
+        )
     }
 }
 

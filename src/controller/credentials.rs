@@ -1,0 +1,177 @@
+//! Resolving a TailscaleNode's credentials (its own, or the operator default) into a key API.
+//! Clients are cached per credential content, so an OAuth token is reused for its lifetime.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use sha2::{Digest, Sha256};
+
+use super::desired::secret_value;
+use super::status::Problem;
+use crate::api::{Credentials, TailscaleNode};
+use crate::tsapi::KeyApi;
+
+/// Credentials with their secrets read. Never log the values.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ResolvedCredentials {
+    /// Tailscale OAuth client.
+    OAuth {
+        client_id: String,
+        client_secret: String,
+        api_url: String,
+        tailnet: String,
+    },
+    /// Headscale API key.
+    Headscale { url: String, api_key: String, user: String },
+    /// A static auth key.
+    Static { key: String },
+}
+
+impl std::fmt::Debug for ResolvedCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            ResolvedCredentials::OAuth { .. } => "OAuth",
+            ResolvedCredentials::Headscale { .. } => "Headscale",
+            ResolvedCredentials::Static { .. } => "Static",
+        };
+        write!(f, "ResolvedCredentials::{kind}(<redacted>)")
+    }
+}
+
+impl ResolvedCredentials {
+    fn cache_key(&self) -> String {
+        let mut h = Sha256::new();
+        match self {
+            ResolvedCredentials::OAuth {
+                client_id,
+                client_secret,
+                api_url,
+                tailnet,
+            } => {
+                for part in ["oauth", client_id, client_secret, api_url, tailnet] {
+                    h.update(part.as_bytes());
+                    h.update([0]);
+                }
+            }
+            ResolvedCredentials::Headscale { url, api_key, user } => {
+                for part in ["headscale", url, api_key, user] {
+                    h.update(part.as_bytes());
+                    h.update([0]);
+                }
+            }
+            ResolvedCredentials::Static { key } => {
+                h.update(b"static\0");
+                h.update(key.as_bytes());
+            }
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Builds a key API for resolved credentials.
+pub type ApiFactory = Arc<dyn Fn(&ResolvedCredentials) -> Arc<dyn KeyApi> + Send + Sync>;
+
+/// The operator-wide default credentials: a spec-shaped value whose Secrets live in `namespace`.
+#[derive(Debug, Clone)]
+pub struct DefaultCredentials {
+    /// Namespace of the default credential Secret (the operator's).
+    pub namespace: String,
+    /// Which credentials.
+    pub credentials: Credentials,
+}
+
+/// Key APIs by credential content.
+pub struct CredentialCache {
+    factory: ApiFactory,
+    apis: Mutex<HashMap<String, Arc<dyn KeyApi>>>,
+}
+
+impl CredentialCache {
+    /// A cache that builds clients with `factory`.
+    pub fn new(factory: ApiFactory) -> Self {
+        CredentialCache {
+            factory,
+            apis: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The key API for `node`, or the problem the user must fix.
+    pub async fn for_node(
+        &self,
+        client: &Client,
+        node: &TailscaleNode,
+        default: Option<&DefaultCredentials>,
+    ) -> Result<Arc<dyn KeyApi>, Problem> {
+        let ns = node.metadata.namespace.clone().unwrap_or_default();
+        let (creds, ns) = match (&node.spec.credentials, default) {
+            (Some(c), _) => (c.clone(), ns),
+            (None, Some(d)) => (d.credentials.clone(), d.namespace.clone()),
+            (None, None) => {
+                return Err(Problem {
+                    reason: "NoCredentials",
+                    message: "spec.credentials is empty and the operator has no default credentials".into(),
+                });
+            }
+        };
+        let resolved = resolve(client, &ns, &creds).await?;
+        let key = resolved.cache_key();
+        let mut apis = self.apis.lock().map_err(|_| Problem {
+            reason: "InternalError",
+            message: "credential cache poisoned".into(),
+        })?;
+        let api = apis.entry(key).or_insert_with(|| (self.factory)(&resolved));
+        Ok(api.clone())
+    }
+}
+
+async fn read(client: &Client, ns: &str, name: &str, key: &str) -> Result<String, Problem> {
+    let secret: Option<Secret> = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(|e| Problem {
+            reason: "SecretUnreadable",
+            message: format!("reading Secret {ns}/{name}: {e}"),
+        })?;
+    let secret = secret.ok_or_else(|| Problem {
+        reason: "SecretMissing",
+        message: format!("credential Secret {ns}/{name} does not exist"),
+    })?;
+    secret_value(&secret, key).ok_or_else(|| Problem {
+        reason: "SecretKeyMissing",
+        message: format!("credential Secret {ns}/{name} has no key {key:?}"),
+    })
+}
+
+/// Reads the Secrets that `creds` names in `ns`.
+pub async fn resolve(client: &Client, ns: &str, creds: &Credentials) -> Result<ResolvedCredentials, Problem> {
+    if let Some(o) = &creds.oauth {
+        let id_key = o.client_id_key.as_deref().unwrap_or("client_id");
+        let secret_key = o.client_secret_key.as_deref().unwrap_or("client_secret");
+        return Ok(ResolvedCredentials::OAuth {
+            client_id: read(client, ns, &o.secret_name, id_key).await?,
+            client_secret: read(client, ns, &o.secret_name, secret_key).await?,
+            api_url: o.api_url.clone().unwrap_or_else(|| "https://api.tailscale.com".into()),
+            tailnet: o.tailnet.clone().unwrap_or_else(|| "-".into()),
+        });
+    }
+    if let Some(h) = &creds.headscale {
+        let key = h.api_key_key.as_deref().unwrap_or("api-key");
+        return Ok(ResolvedCredentials::Headscale {
+            url: h.url.clone(),
+            api_key: read(client, ns, &h.api_key_secret_name, key).await?,
+            user: h.user.clone(),
+        });
+    }
+    if let Some(a) = &creds.auth_key {
+        let key = a.key.as_deref().unwrap_or("authkey");
+        return Ok(ResolvedCredentials::Static {
+            key: read(client, ns, &a.secret_name, key).await?,
+        });
+    }
+    Err(Problem {
+        reason: "NoCredentials",
+        message: "spec.credentials names no credential source".into(),
+    })
+}

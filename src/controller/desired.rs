@@ -1,0 +1,350 @@
+//! PURE: from what the controller observed (a TailscaleNode, its pods, its state Secrets) to what
+//! should exist (Secrets, Role, RoleBinding, serve ConfigMap), what to do per replica, and the
+//! status. No client, no clock: `now` is an argument.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+
+use crate::api::{
+    INJECTED_ANNOTATION, NODE_LABEL, POD_INDEX_LABEL, ReplicaState, ReplicaStatus, TailscaleNode,
+    serve_config_map_name, state_secret_name,
+};
+use crate::inject::render_serve_config;
+
+/// Finalizer on state Secrets: the device is deleted before the Secret goes.
+pub const DEVICE_FINALIZER: &str = "tailnode.dev/device-cleanup";
+/// Finalizer on TailscaleNodes: every replica is cleaned up before the node goes.
+pub const NODE_FINALIZER: &str = "tailnode.dev/cleanup";
+/// Secret annotation: the pod the Secret belongs to.
+pub const POD_ANNOTATION: &str = "tailnode.dev/pod";
+/// Secret annotation: the StatefulSet and ordinal, for Secrets that outlive their pod.
+pub const STATEFULSET_ANNOTATION: &str = "tailnode.dev/statefulset";
+/// Secret annotation: the ordinal within the StatefulSet.
+pub const ORDINAL_ANNOTATION: &str = "tailnode.dev/ordinal";
+/// Secret annotation: when the current key was minted (RFC 3339).
+pub const MINTED_AT_ANNOTATION: &str = "tailnode.dev/minted-at";
+/// Label on everything the controller creates.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "tailnode");
+
+/// One replica: an injected pod labelled for the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// Pod name.
+    pub pod: String,
+    /// Pod UID (for the owner reference).
+    pub pod_uid: String,
+    /// State Secret name.
+    pub secret: String,
+    /// The pod's service account.
+    pub service_account: String,
+    /// StatefulSet name and ordinal, when the pod belongs to one.
+    pub statefulset: Option<(String, u32)>,
+}
+
+/// The replicas among `pods`: injected, labelled for `node`, named.
+pub fn replicas(node: &TailscaleNode, pods: &[Pod]) -> Vec<Replica> {
+    let name = node.metadata.name.as_deref().unwrap_or_default();
+    let mut out: Vec<Replica> = pods
+        .iter()
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(NODE_LABEL))
+                .map(String::as_str)
+                == Some(name)
+        })
+        .filter(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION))
+        })
+        .filter_map(|p| {
+            let pod = p.metadata.name.clone()?;
+            let statefulset = p
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.kind == "StatefulSet" && o.controller == Some(true))
+                .and_then(|o| Some((o.name.clone(), ordinal(p, &o.name, &pod)?)));
+            Some(Replica {
+                secret: state_secret_name(&pod),
+                pod_uid: p.metadata.uid.clone().unwrap_or_default(),
+                service_account: p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_else(|| "default".to_string()),
+                statefulset,
+                pod,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.pod.cmp(&b.pod));
+    out
+}
+
+fn ordinal(pod: &Pod, sts: &str, name: &str) -> Option<u32> {
+    let from_label = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(POD_INDEX_LABEL))
+        .and_then(|v| v.parse().ok());
+    from_label.or_else(|| name.strip_prefix(sts)?.strip_prefix('-')?.parse().ok())
+}
+
+fn owner(node: &TailscaleNode) -> Option<OwnerReference> {
+    node.controller_owner_ref(&())
+}
+
+fn base_labels(node: &TailscaleNode) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (NODE_LABEL.to_string(), node.metadata.name.clone().unwrap_or_default()),
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+    ])
+}
+
+/// The state Secret of a replica as tailnode creates it: empty, labelled, with the device
+/// finalizer. Non-StatefulSet Secrets are owned by their pod (they follow its life); StatefulSet
+/// Secrets by the TailscaleNode (they survive pod restarts and rescheduling).
+pub fn state_secret(node: &TailscaleNode, r: &Replica) -> Secret {
+    let mut annotations = BTreeMap::from([(POD_ANNOTATION.to_string(), r.pod.clone())]);
+    let owner = match &r.statefulset {
+        Some((sts, ord)) => {
+            annotations.insert(STATEFULSET_ANNOTATION.to_string(), sts.clone());
+            annotations.insert(ORDINAL_ANNOTATION.to_string(), ord.to_string());
+            owner(node)
+        }
+        None => Some(OwnerReference {
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            name: r.pod.clone(),
+            uid: r.pod_uid.clone(),
+            ..Default::default()
+        }),
+    };
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(r.secret.clone()),
+            namespace: node.metadata.namespace.clone(),
+            labels: Some(base_labels(node)),
+            annotations: Some(annotations),
+            owner_references: owner.map(|o| vec![o]),
+            finalizers: Some(vec![DEVICE_FINALIZER.to_string()]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+/// Name of the Role and RoleBinding of a node.
+pub fn rbac_name(node: &TailscaleNode) -> String {
+    format!("tsn-{}", node.metadata.name.as_deref().unwrap_or_default())
+}
+
+/// The Role: `get`/`update`/`patch` on exactly the replicas' Secrets (no rule at all when there
+/// are none: an empty `resourceNames` would mean every Secret), plus Events for the sidecar.
+pub fn role(node: &TailscaleNode, secrets: &BTreeSet<String>) -> Role {
+    let mut rules = Vec::new();
+    if !secrets.is_empty() {
+        rules.push(PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".into()]),
+            resource_names: Some(secrets.iter().cloned().collect()),
+            verbs: vec!["get".into(), "update".into(), "patch".into()],
+            ..Default::default()
+        });
+    }
+    rules.push(PolicyRule {
+        api_groups: Some(vec![String::new(), "events.k8s.io".into()]),
+        resources: Some(vec!["events".into()]),
+        verbs: vec!["get".into(), "create".into(), "patch".into()],
+        ..Default::default()
+    });
+    Role {
+        metadata: meta(node, rbac_name(node)),
+        rules: Some(rules),
+    }
+}
+
+/// The RoleBinding: every service account the replicas run as.
+pub fn role_binding(node: &TailscaleNode, service_accounts: &BTreeSet<String>) -> RoleBinding {
+    RoleBinding {
+        metadata: meta(node, rbac_name(node)),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: rbac_name(node),
+        },
+        subjects: Some(
+            service_accounts
+                .iter()
+                .map(|sa| Subject {
+                    kind: "ServiceAccount".into(),
+                    name: sa.clone(),
+                    namespace: node.metadata.namespace.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// The serve ConfigMap, when the node serves anything.
+pub fn serve_config_map(node: &TailscaleNode) -> Option<ConfigMap> {
+    if node.spec.serve.is_empty() {
+        return None;
+    }
+    let name = node.metadata.name.as_deref().unwrap_or_default();
+    Some(ConfigMap {
+        metadata: meta(node, serve_config_map_name(name)),
+        data: Some(BTreeMap::from([(
+            crate::inject::SERVE_FILE.to_string(),
+            render_serve_config(&node.spec.serve),
+        )])),
+        ..Default::default()
+    })
+}
+
+fn meta(node: &TailscaleNode, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: node.metadata.namespace.clone(),
+        labels: Some(base_labels(node)),
+        owner_references: owner(node).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
+/// A Secret's string value.
+pub fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .filter(|v| !v.is_empty())
+}
+
+/// What to do with one state Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretAction {
+    /// No device and no usable key: mint one for this replica.
+    Mint { secret: String, pod: String },
+    /// The device registered but the key is still there: remove it.
+    StripKey { secret: String },
+    /// The replica is gone for good: delete its device (if any), then the Secret.
+    Retire { secret: String, device_id: Option<String> },
+}
+
+/// The work for this reconcile. `statefulset_replicas` maps the StatefulSets named by Secrets to
+/// their `spec.replicas` (absent: the StatefulSet is gone). `deleting`: the node is being deleted.
+pub fn plan(
+    replicas: &[Replica],
+    secrets: &[Secret],
+    statefulset_replicas: &BTreeMap<String, i32>,
+    key_ttl: chrono::Duration,
+    now: DateTime<Utc>,
+    deleting: bool,
+) -> (Vec<Replica>, Vec<SecretAction>) {
+    let live: BTreeSet<&str> = replicas.iter().map(|r| r.secret.as_str()).collect();
+    let existing: BTreeSet<&str> = secrets.iter().filter_map(|s| s.metadata.name.as_deref()).collect();
+    let to_create = if deleting {
+        vec![]
+    } else {
+        replicas
+            .iter()
+            .filter(|r| !existing.contains(r.secret.as_str()))
+            .cloned()
+            .collect()
+    };
+    let mut actions = Vec::new();
+    for s in secrets {
+        let Some(name) = s.metadata.name.clone() else { continue };
+        let annotations = s.metadata.annotations.clone().unwrap_or_default();
+        let device_id = secret_value(s, "device_id");
+        let retained = || {
+            let sts = annotations.get(STATEFULSET_ANNOTATION)?;
+            let ord: i32 = annotations.get(ORDINAL_ANNOTATION)?.parse().ok()?;
+            let want = statefulset_replicas.get(sts)?;
+            (ord < *want).then_some(())
+        };
+        let gone = deleting
+            || s.metadata.deletion_timestamp.is_some()
+            || (!live.contains(name.as_str()) && retained().is_none());
+        if gone {
+            actions.push(SecretAction::Retire {
+                secret: name,
+                device_id,
+            });
+            continue;
+        }
+        let has_key = secret_value(s, "authkey").is_some();
+        if device_id.is_some() {
+            if has_key {
+                actions.push(SecretAction::StripKey { secret: name });
+            }
+            continue;
+        }
+        let minted_recently = annotations
+            .get(MINTED_AT_ANNOTATION)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .is_some_and(|t| now.signed_duration_since(t.with_timezone(&Utc)) < key_ttl);
+        // A key may be in use (consumed but the device not yet written): wait out its lifetime.
+        if !has_key && !minted_recently && live.contains(name.as_str()) {
+            let pod = annotations.get(POD_ANNOTATION).cloned().unwrap_or_default();
+            actions.push(SecretAction::Mint { secret: name, pod });
+        }
+    }
+    (to_create, actions)
+}
+
+/// Per-replica status from the Secrets (sorted by pod), and how many are registered.
+pub fn replica_statuses(replicas: &[Replica], secrets: &[Secret], failed: &BTreeSet<String>) -> Vec<ReplicaStatus> {
+    let by_name: BTreeMap<&str, &Secret> = secrets
+        .iter()
+        .filter_map(|s| Some((s.metadata.name.as_deref()?, s)))
+        .collect();
+    replicas
+        .iter()
+        .map(|r| {
+            let s = by_name.get(r.secret.as_str());
+            let value = |k: &str| s.and_then(|s| secret_value(s, k));
+            let fqdn = value("device_fqdn").map(|f| f.trim_end_matches('.').to_string());
+            let device_id = value("device_id");
+            let state = if device_id.is_some() {
+                ReplicaState::Registered
+            } else if failed.contains(&r.secret) {
+                ReplicaState::Failed
+            } else if value("authkey").is_some() {
+                ReplicaState::KeyIssued
+            } else {
+                ReplicaState::Pending
+            };
+            ReplicaStatus {
+                pod: r.pod.clone(),
+                secret: r.secret.clone(),
+                hostname: fqdn.as_ref().and_then(|f| f.split('.').next()).map(str::to_string),
+                ips: value("device_ips")
+                    .and_then(|v| serde_json::from_str::<Vec<String>>(&v).ok())
+                    .unwrap_or_default(),
+                device_id,
+                fqdn,
+                state,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[path = "desired_tests.rs"]
+mod tests;

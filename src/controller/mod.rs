@@ -1,0 +1,203 @@
+//! The TailscaleNode controller: per-replica state Secrets and keys, RBAC, serve ConfigMap,
+//! device cleanup and status. `desired` and `status` are pure; `reconcile` does the I/O.
+
+pub mod credentials;
+pub mod desired;
+pub mod leader;
+pub mod reconcile;
+pub mod status;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::{NODE_LABEL, TailscaleNode};
+use crate::metrics::{Metrics, ReconcileLabels};
+use credentials::{CredentialCache, DefaultCredentials};
+
+/// Reconcile errors; `reason()` is the bounded metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+    /// The finalizer helper failed (wraps the inner error).
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Cleanup of replicas failed; the finalizer stays until it succeeds.
+    #[error("cleanup: {0}")]
+    Cleanup(String),
+}
+
+impl Error {
+    /// Bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+            Error::Cleanup(_) => "cleanup",
+        }
+    }
+}
+
+/// Controller settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a minted key stays valid unused (and how long before an unused one is replaced).
+    pub key_ttl: Duration,
+    /// Operator-wide default credentials.
+    pub default_credentials: Option<DefaultCredentials>,
+}
+
+/// Per-object exponential backoff with a cap, reset on success.
+#[derive(Default)]
+pub struct Backoff {
+    attempts: Mutex<HashMap<ObjectRef<TailscaleNode>, u32>>,
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(500);
+    const CAP: Duration = Duration::from_secs(60);
+
+    /// The delay before the next attempt for `node` (doubling each time).
+    pub fn next(&self, node: &TailscaleNode) -> Duration {
+        let mut map = match self.attempts.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let n = map.entry(ObjectRef::from_obj(node)).or_insert(0);
+        *n = n.saturating_add(1);
+        backoff_delay(*n)
+    }
+
+    /// Forget the failures of `node`.
+    pub fn reset(&self, node: &TailscaleNode) {
+        if let Ok(mut map) = self.attempts.lock() {
+            map.remove(&ObjectRef::from_obj(node));
+        }
+    }
+}
+
+/// PURE: the delay after `attempt` consecutive failures: 0.5 s, 1 s, 2 s, ... capped at 60 s.
+pub fn backoff_delay(attempt: u32) -> Duration {
+    let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
+    Backoff::BASE.saturating_mul(factor).min(Backoff::CAP)
+}
+
+/// Shared state of the reconciles.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Pods labelled `tailnode.dev/node`, from a reflector.
+    pub pods: Store<Pod>,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Key APIs per credential.
+    pub credentials: CredentialCache,
+    /// Settings.
+    pub config: Config,
+    /// Per-object backoff.
+    pub backoff: Backoff,
+}
+
+fn error_policy(node: Arc<TailscaleNode>, err: &Error, ctx: Arc<Context>) -> Action {
+    warn!(node = %node.name_any(), reason = err.reason(), error = %err, "reconcile failed");
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ReconcileLabels { result: err.reason() })
+        .inc();
+    Action::requeue(ctx.backoff.next(&node))
+}
+
+/// Runs the controller until `shutdown` fires.
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    credentials: CredentialCache,
+    config: Config,
+    shutdown: CancellationToken,
+) {
+    let nodes: Api<TailscaleNode> = Api::all(client.clone());
+    let pods_api: Api<Pod> = Api::all(client.clone());
+    let secrets: Api<Secret> = Api::all(client.clone());
+    let labelled = watcher::Config::default().labels(NODE_LABEL);
+    let (pods, writer) = kube::runtime::reflector::store();
+    let pod_stream = kube::runtime::reflector(writer, watcher(pods_api, labelled.clone())).applied_objects();
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), Reporter::from("tailnode")),
+        client,
+        pods,
+        metrics: metrics.clone(),
+        credentials,
+        config,
+        backoff: Backoff::default(),
+    });
+    let to_node = |obj: &dyn Fn() -> (Option<String>, Option<String>)| {
+        let (label, ns) = obj();
+        Some(ObjectRef::<TailscaleNode>::new(&label?).within(&ns?))
+    };
+    info!("controller starting");
+    Controller::new(nodes, watcher::Config::default())
+        .watches_stream(pod_stream, move |p: Pod| {
+            to_node(&|| (p.labels().get(NODE_LABEL).cloned(), p.namespace()))
+        })
+        .watches(secrets, labelled, move |s: Secret| {
+            to_node(&|| (s.labels().get(NODE_LABEL).cloned(), s.namespace()))
+        })
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile::reconcile, error_policy, ctx)
+        .for_each(|res| {
+            let metrics = metrics.clone();
+            async move {
+                if res.is_ok() {
+                    metrics
+                        .reconciles
+                        .get_or_create(&ReconcileLabels { result: "ok" })
+                        .inc();
+                }
+            }
+        })
+        .await;
+    info!("controller stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let delays: Vec<_> = (1..=9).map(backoff_delay).collect();
+        assert_eq!(delays[0], Duration::from_millis(500));
+        assert_eq!(delays[1], Duration::from_secs(1));
+        assert_eq!(delays[4], Duration::from_secs(8));
+        assert_eq!(delays[8], Duration::from_secs(60));
+        assert_eq!(backoff_delay(1000), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn backoff_is_per_object_and_resets() {
+        let b = Backoff::default();
+        let mut a: TailscaleNode = TailscaleNode::new("a", Default::default());
+        a.metadata.namespace = Some("ns".into());
+        let mut other = a.clone();
+        other.metadata.name = Some("b".into());
+        assert_eq!(b.next(&a), Duration::from_millis(500));
+        assert_eq!(b.next(&a), Duration::from_secs(1));
+        assert_eq!(b.next(&other), Duration::from_millis(500));
+        b.reset(&a);
+        assert_eq!(b.next(&a), Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,402 @@
+//! The I/O shell of the controller: read, call the pure functions in `desired`/`status`, write.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::desired::{self, DEVICE_FINALIZER, MINTED_AT_ANNOTATION, NODE_FINALIZER, SecretAction};
+use super::status::{self, Findings, Problem};
+use super::{Context, Error};
+use crate::api::{NODE_LABEL, TailscaleNode, serve_config_map_name};
+use crate::metrics::ApiLabels;
+use crate::tsapi::{KeyApi, MintRequest};
+
+/// Field manager of every server-side apply.
+pub const FIELD_MANAGER: &str = "tailnode";
+
+/// Reconciles one TailscaleNode behind its finalizer.
+pub async fn reconcile(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = node.namespace().unwrap_or_default();
+    let api: Api<TailscaleNode> = Api::namespaced(ctx.client.clone(), &ns);
+    let started = std::time::Instant::now();
+    let result = finalizer(&api, NODE_FINALIZER, node, |event| async {
+        match event {
+            Finalizer::Apply(n) => apply(n, ctx.clone()).await,
+            Finalizer::Cleanup(n) => cleanup(n, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    result
+}
+
+struct Observed {
+    replicas: Vec<desired::Replica>,
+    secrets: Vec<Secret>,
+    statefulsets: BTreeMap<String, i32>,
+}
+
+async fn observe(node: &TailscaleNode, ctx: &Context) -> Result<Observed, Error> {
+    let ns = node.namespace().unwrap_or_default();
+    let name = node.name_any();
+    let pods: Vec<Pod> = ctx
+        .pods
+        .state()
+        .iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
+        .map(|p| (**p).clone())
+        .collect();
+    let replicas = desired::replicas(node, &pods);
+    let secrets = list_secrets(ctx, &ns, &name).await?;
+    let mut statefulsets = BTreeMap::new();
+    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let named: BTreeSet<String> = secrets
+        .iter()
+        .filter_map(|s| s.annotations().get(desired::STATEFULSET_ANNOTATION).cloned())
+        .collect();
+    for sts in named {
+        if let Some(s) = sts_api.get_opt(&sts).await.map_err(Error::Kube)? {
+            statefulsets.insert(sts, s.spec.replicas.unwrap_or(1));
+        }
+    }
+    Ok(Observed {
+        replicas,
+        secrets,
+        statefulsets,
+    })
+}
+
+async fn list_secrets(ctx: &Context, ns: &str, node: &str) -> Result<Vec<Secret>, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("{NODE_LABEL}={node}"));
+    Ok(api.list(&lp).await.map_err(Error::Kube)?.items)
+}
+
+async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = node.namespace().unwrap_or_default();
+    let key = node.name_any();
+    let obs = observe(&node, &ctx).await?;
+    let ttl = chrono::Duration::from_std(ctx.config.key_ttl).unwrap_or_else(|_| chrono::Duration::minutes(10));
+    let (to_create, actions) = desired::plan(&obs.replicas, &obs.secrets, &obs.statefulsets, ttl, Utc::now(), false);
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+
+    // Secrets first (empty), then the Role naming them, so the sidecar can read its Secret.
+    for r in &to_create {
+        match secrets_api
+            .create(&PostParams::default(), &desired::state_secret(&node, r))
+            .await
+        {
+            Ok(_) => info!(secret = %r.secret, "created state secret"),
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(Error::Kube(e)),
+        }
+    }
+    let retiring: BTreeSet<&str> = actions
+        .iter()
+        .filter_map(|a| match a {
+            SecretAction::Retire { secret, .. } => Some(secret.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut names: BTreeSet<String> = obs.replicas.iter().map(|r| r.secret.clone()).collect();
+    names.extend(
+        obs.secrets
+            .iter()
+            .filter_map(|s| s.metadata.name.clone())
+            .filter(|n| !retiring.contains(n.as_str())),
+    );
+    let accounts: BTreeSet<String> = obs.replicas.iter().map(|r| r.service_account.clone()).collect();
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let rbac = desired::rbac_name(&node);
+    Api::<Role>::namespaced(ctx.client.clone(), &ns)
+        .patch(&rbac, &pp, &Patch::Apply(&desired::role(&node, &names)))
+        .await
+        .map_err(Error::Kube)?;
+    Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns)
+        .patch(&rbac, &pp, &Patch::Apply(&desired::role_binding(&node, &accounts)))
+        .await
+        .map_err(Error::Kube)?;
+    let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    match desired::serve_config_map(&node) {
+        Some(cm) => {
+            cm_api
+                .patch(&serve_config_map_name(&key), &pp, &Patch::Apply(&cm))
+                .await
+                .map_err(Error::Kube)?;
+        }
+        None => delete_ignoring_missing(&cm_api, &serve_config_map_name(&key)).await?,
+    }
+
+    let mut findings = Findings::default();
+    let mut failed = BTreeSet::new();
+    let api = match ctx
+        .credentials
+        .for_node(&ctx.client, &node, ctx.config.default_credentials.as_ref())
+        .await
+    {
+        Ok(api) => Some(api),
+        Err(p) => {
+            if actions.iter().any(|a| matches!(a, SecretAction::Mint { .. })) {
+                publish(&ctx, &node, EventType::Warning, p.reason, "Credentials", &p.message).await;
+            }
+            findings.credentials = Some(p);
+            None
+        }
+    };
+    for action in actions {
+        match action {
+            SecretAction::Mint { secret, pod } => {
+                let Some(api) = &api else { continue };
+                if let Err(p) = mint(&ctx, &node, api.as_ref(), &secrets_api, &secret, &pod).await {
+                    failed.insert(secret);
+                    if findings.failures.iter().all(|f| f.message != p.message) {
+                        findings.failures.push(p);
+                    }
+                }
+            }
+            SecretAction::StripKey { secret } => {
+                let patch = json!({"data": {"authkey": null}});
+                secrets_api
+                    .patch(&secret, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(Error::Kube)?;
+            }
+            SecretAction::Retire { secret, device_id } => {
+                if let Err(p) = retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device_id.as_deref()).await {
+                    findings.failures.push(p);
+                }
+            }
+        }
+    }
+
+    // Status from the Secrets as they are now.
+    let secrets = list_secrets(&ctx, &ns, &key).await?;
+    let replicas = desired::replica_statuses(&obs.replicas, &secrets, &failed);
+    let st = status::status(
+        node.status.as_ref(),
+        node.metadata.generation,
+        replicas,
+        &findings,
+        Utc::now(),
+    );
+    if node.status.as_ref() != Some(&st) {
+        let patch = json!({"status": st});
+        Api::<TailscaleNode>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(&key, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(Error::Kube)?;
+    }
+    if findings.credentials.is_some() || !findings.failures.is_empty() {
+        return Ok(Action::requeue(ctx.backoff.next(&node)));
+    }
+    ctx.backoff.reset(&node);
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+fn describe(node: &TailscaleNode, pod: &str) -> String {
+    format!("tailnode {} {}", node.name_any(), pod)
+}
+
+async fn mint(
+    ctx: &Context,
+    node: &TailscaleNode,
+    api: &dyn KeyApi,
+    secrets: &Api<Secret>,
+    secret: &str,
+    pod: &str,
+) -> Result<(), Problem> {
+    let req = MintRequest {
+        description: describe(node, pod),
+        tags: node.spec.tags.clone(),
+        ephemeral: node.spec.ephemeral,
+        expiry: ctx.config.key_ttl,
+    };
+    let labels = |outcome| ApiLabels {
+        api: api.kind(),
+        outcome,
+    };
+    match api.mint(&req).await {
+        Ok(minted) => {
+            ctx.metrics.key_mints.get_or_create(&labels("ok")).inc();
+            let patch = json!({
+                "metadata": {"annotations": {MINTED_AT_ANNOTATION: Utc::now().to_rfc3339()}},
+                "stringData": {"authkey": minted.key},
+            });
+            secrets
+                .patch(secret, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(|e| Problem {
+                    reason: "SecretWriteFailed",
+                    message: format!("writing the key into Secret {secret}: {e}"),
+                })?;
+            info!(secret, api = api.kind(), "minted auth key");
+            let note = format!("minted a single-use auth key for pod {pod} into Secret {secret}");
+            publish(ctx, node, EventType::Normal, "KeyMinted", "Mint", &note).await;
+            Ok(())
+        }
+        Err(e) => {
+            ctx.metrics.key_mints.get_or_create(&labels(e.reason())).inc();
+            warn!(secret, api = api.kind(), reason = e.reason(), "minting auth key failed");
+            let reason = match e.reason() {
+                "unauthorized" => "ApiUnauthorized",
+                "bad_request" => "ApiRejected",
+                "rate_limited" => "ApiRateLimited",
+                _ => "ApiUnavailable",
+            };
+            let message = format!("minting a key for pod {pod}: {e}");
+            publish(ctx, node, EventType::Warning, "MintFailed", "Mint", &message).await;
+            Err(Problem { reason, message })
+        }
+    }
+}
+
+/// Deletes the replica's device (if it has one and the API can), then its Secret.
+async fn retire(
+    ctx: &Context,
+    node: &TailscaleNode,
+    api: Option<&dyn KeyApi>,
+    secrets: &Api<Secret>,
+    secret: &str,
+    device_id: Option<&str>,
+) -> Result<(), Problem> {
+    if let Some(id) = device_id {
+        let Some(api) = api else {
+            return Err(Problem {
+                reason: "CleanupBlocked",
+                message: format!("cannot delete device of Secret {secret}: credentials unusable"),
+            });
+        };
+        let labels = |outcome| ApiLabels {
+            api: api.kind(),
+            outcome,
+        };
+        match api.delete_device(id).await {
+            Ok(deleted) => {
+                ctx.metrics.device_deletions.get_or_create(&labels("ok")).inc();
+                info!(secret, api = api.kind(), "deleted device");
+                let note = if deleted {
+                    format!("deleted the device of Secret {secret}")
+                } else {
+                    format!("static auth key: the device of Secret {secret} must be removed by hand")
+                };
+                publish(ctx, node, EventType::Normal, "DeviceDeleted", "Cleanup", &note).await;
+            }
+            Err(e) => {
+                ctx.metrics.device_deletions.get_or_create(&labels(e.reason())).inc();
+                let message = format!("deleting the device of Secret {secret}: {e}");
+                publish(ctx, node, EventType::Warning, "CleanupFailed", "Cleanup", &message).await;
+                return Err(Problem {
+                    reason: "CleanupFailed",
+                    message,
+                });
+            }
+        }
+    }
+    let write_err = |e: kube::Error| Problem {
+        reason: "SecretWriteFailed",
+        message: format!("removing Secret {secret}: {e}"),
+    };
+    let current = secrets.get_opt(secret).await.map_err(write_err)?;
+    if let Some(s) = current {
+        let rest: Vec<String> = s
+            .finalizers()
+            .iter()
+            .filter(|f| f.as_str() != DEVICE_FINALIZER)
+            .cloned()
+            .collect();
+        if rest.len() != s.finalizers().len() {
+            let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": s.resource_version()}});
+            secrets
+                .patch(secret, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(write_err)?;
+        }
+        if s.metadata.deletion_timestamp.is_none() {
+            match secrets.delete(secret, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(write_err(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = node.namespace().unwrap_or_default();
+    let key = node.name_any();
+    let obs = observe(&node, &ctx).await?;
+    let (_, actions) = desired::plan(
+        &obs.replicas,
+        &obs.secrets,
+        &obs.statefulsets,
+        chrono::Duration::zero(),
+        Utc::now(),
+        true,
+    );
+    let api = ctx
+        .credentials
+        .for_node(&ctx.client, &node, ctx.config.default_credentials.as_ref())
+        .await
+        .ok();
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut problems = Vec::new();
+    for action in actions {
+        if let SecretAction::Retire { secret, device_id } = action {
+            if let Err(p) = retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device_id.as_deref()).await {
+                problems.push(p.message);
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Cleanup(problems.join("; ")));
+    }
+    let rbac = desired::rbac_name(&node);
+    delete_ignoring_missing(&Api::<Role>::namespaced(ctx.client.clone(), &ns), &rbac).await?;
+    delete_ignoring_missing(&Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns), &rbac).await?;
+    delete_ignoring_missing(
+        &Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns),
+        &serve_config_map_name(&key),
+    )
+    .await?;
+    ctx.backoff.reset(&node);
+    Ok(Action::await_change())
+}
+
+async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+/// Publishes an Event about the node; failures to publish are logged, never fatal.
+async fn publish(ctx: &Context, node: &TailscaleNode, type_: EventType, reason: &str, action: &str, note: &str) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &node.object_ref(&())).await {
+        warn!(error = %e, "publishing event failed");
+    }
+}

@@ -1,0 +1,224 @@
+//! PURE: the TailscaleNode status and its conditions.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::{ReplicaState, ReplicaStatus, TailscaleNodeStatus};
+
+/// A problem found during a reconcile, with a bounded reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// CamelCase reason for the condition.
+    pub reason: &'static str,
+    /// What the user should know.
+    pub message: String,
+}
+
+/// What the reconcile learned, for the conditions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Findings {
+    /// Why the credentials cannot be used, if they cannot.
+    pub credentials: Option<Problem>,
+    /// Other failures (minting, cleanup).
+    pub failures: Vec<Problem>,
+}
+
+fn condition(
+    previous: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> Condition {
+    let status = if ok { "True" } else { "False" }.to_string();
+    // Keep the transition time while the status stays the same.
+    let last = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_string(),
+        status,
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time: last.unwrap_or_else(|| Time(jiff_now(now))),
+    }
+}
+
+fn jiff_now(now: DateTime<Utc>) -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::from_nanosecond(i128::from(now.timestamp_nanos_opt().unwrap_or_default()))
+        .unwrap_or_default()
+}
+
+/// The status for this reconcile.
+pub fn status(
+    previous: Option<&TailscaleNodeStatus>,
+    generation: Option<i64>,
+    replicas: Vec<ReplicaStatus>,
+    findings: &Findings,
+    now: DateTime<Utc>,
+) -> TailscaleNodeStatus {
+    let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
+    let total = i32::try_from(replicas.len()).unwrap_or(i32::MAX);
+    let ready = i32::try_from(replicas.iter().filter(|r| r.state == ReplicaState::Registered).count()).unwrap_or(0);
+    let creds = match &findings.credentials {
+        None => condition(
+            prev,
+            "CredentialsValid",
+            true,
+            "Valid",
+            "credentials work".into(),
+            generation,
+            now,
+        ),
+        Some(p) => condition(
+            prev,
+            "CredentialsValid",
+            false,
+            p.reason,
+            p.message.clone(),
+            generation,
+            now,
+        ),
+    };
+    let first_problem = findings.credentials.iter().chain(findings.failures.iter()).next();
+    let degraded = match first_problem {
+        None => condition(
+            prev,
+            "Degraded",
+            false,
+            "AsExpected",
+            "no failures".into(),
+            generation,
+            now,
+        ),
+        Some(p) => {
+            let message = findings
+                .credentials
+                .iter()
+                .chain(findings.failures.iter())
+                .map(|p| p.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            condition(prev, "Degraded", true, p.reason, message, generation, now)
+        }
+    };
+    let ready_cond = if ready == total && first_problem.is_none() {
+        let reason = if total == 0 {
+            "NoReplicas"
+        } else {
+            "AllReplicasRegistered"
+        };
+        condition(
+            prev,
+            "Ready",
+            true,
+            reason,
+            format!("{ready}/{total} replicas registered"),
+            generation,
+            now,
+        )
+    } else {
+        let reason = first_problem.map(|p| p.reason).unwrap_or("ReplicasPending");
+        condition(
+            prev,
+            "Ready",
+            false,
+            reason,
+            format!("{ready}/{total} replicas registered"),
+            generation,
+            now,
+        )
+    };
+    TailscaleNodeStatus {
+        observed_generation: generation,
+        conditions: vec![ready_cond, creds, degraded],
+        ready_replicas: ready,
+        total_replicas: total,
+        replicas,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(pod: &str, state: ReplicaState) -> ReplicaStatus {
+        ReplicaStatus {
+            pod: pod.into(),
+            secret: format!("ts-{pod}"),
+            state,
+            ..Default::default()
+        }
+    }
+
+    fn get<'a>(s: &'a TailscaleNodeStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn all_registered_is_ready() {
+        let now = Utc::now();
+        let s = status(
+            None,
+            Some(3),
+            vec![replica("a", ReplicaState::Registered)],
+            &Findings::default(),
+            now,
+        );
+        assert_eq!((s.ready_replicas, s.total_replicas), (1, 1));
+        assert_eq!(get(&s, "Ready").status, "True");
+        assert_eq!(get(&s, "CredentialsValid").status, "True");
+        assert_eq!(get(&s, "Degraded").status, "False");
+        assert_eq!(s.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn missing_credentials_are_reported_everywhere() {
+        let findings = Findings {
+            credentials: Some(Problem {
+                reason: "SecretMissing",
+                message: "Secret apps/oauth not found".into(),
+            }),
+            failures: vec![],
+        };
+        let s = status(
+            None,
+            None,
+            vec![replica("a", ReplicaState::Pending)],
+            &findings,
+            Utc::now(),
+        );
+        assert_eq!(get(&s, "CredentialsValid").reason, "SecretMissing");
+        assert_eq!(get(&s, "Ready").status, "False");
+        assert_eq!(get(&s, "Ready").reason, "SecretMissing");
+        assert_eq!(get(&s, "Degraded").status, "True");
+        assert!(get(&s, "Degraded").message.contains("apps/oauth"));
+    }
+
+    #[test]
+    fn transition_time_is_kept_while_status_holds() {
+        let t0 = Utc::now() - chrono::Duration::hours(1);
+        let first = status(None, None, vec![], &Findings::default(), t0);
+        let later = status(Some(&first), None, vec![], &Findings::default(), Utc::now());
+        assert_eq!(
+            get(&first, "Ready").last_transition_time,
+            get(&later, "Ready").last_transition_time
+        );
+        let failing = Findings {
+            credentials: None,
+            failures: vec![Problem {
+                reason: "MintFailed",
+                message: "x".into(),
+            }],
+        };
+        let flipped = status(Some(&later), None, vec![], &failing, Utc::now());
+        assert_ne!(
+            get(&flipped, "Ready").last_transition_time,
+            get(&later, "Ready").last_transition_time
+        );
+    }
+}
