@@ -355,10 +355,10 @@ async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, 
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let mut problems = Vec::new();
     for action in actions {
-        if let SecretAction::Retire { secret, device_id } = action {
-            if let Err(p) = retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device_id.as_deref()).await {
-                problems.push(p.message);
-            }
+        if let SecretAction::Retire { secret, device_id } = action
+            && let Err(p) = retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device_id.as_deref()).await
+        {
+            problems.push(p.message);
         }
     }
     if !problems.is_empty() {
