@@ -13,6 +13,7 @@ pub mod inject;
 pub mod manifest;
 pub mod metrics;
 pub mod tsapi;
+pub mod webhook;
 
 /// Installs the process-wide TLS crypto provider (ring). Call once before any TLS client or
 /// server is built; later calls are no-ops.

@@ -1,0 +1,120 @@
+//! One AdmissionReview in, one out. Never panics: every failure becomes a response the user reads.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::runtime::reflector::{ObjectRef, Store};
+use tracing::{info, info_span, warn};
+
+use crate::api::{NODE_LABEL, TailscaleNode};
+use crate::inject::{ClusterFacts, OperatorDefaults, Outcome, PodSecurityLevel, WorkloadKind, inject_pod};
+use crate::metrics::Metrics;
+
+/// What the handler reads.
+pub struct WebhookState {
+    /// TailscaleNodes, from a reflector.
+    pub nodes: Store<TailscaleNode>,
+    /// Namespaces (for their PodSecurity label), from a reflector.
+    pub namespaces: Store<Namespace>,
+    /// The apiserver runs native sidecars.
+    pub native_sidecars: bool,
+    /// Operator defaults.
+    pub defaults: OperatorDefaults,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+const ENFORCE_LABEL: &str = "pod-security.kubernetes.io/enforce";
+
+fn deny(req: &AdmissionRequest<DynamicObject>, message: String) -> AdmissionReview<DynamicObject> {
+    AdmissionResponse::from(req).deny(message).into_review()
+}
+
+/// Answers one AdmissionReview (raw JSON). Returns the review and a bounded result label:
+/// `injected`, `skipped`, `denied` or `error`.
+pub fn review(state: &WebhookState, body: &[u8]) -> (AdmissionReview<DynamicObject>, &'static str) {
+    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "malformed admission review");
+            let msg = format!("tailnode: the request is not an admission.k8s.io/v1 AdmissionReview: {e}");
+            return (AdmissionResponse::invalid(msg).into_review(), "error");
+        }
+    };
+    let req: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("tailnode: the AdmissionReview carries no request: {e}");
+            return (AdmissionResponse::invalid(msg).into_review(), "error");
+        }
+    };
+    let ns = req.namespace.clone().unwrap_or_default();
+    let span = info_span!("admission", uid = %req.uid, namespace = %ns, dry_run = req.dry_run);
+    let _guard = span.enter();
+    let kind = &req.kind;
+    if !(kind.group.is_empty() && kind.kind == "Pod" && req.operation == Operation::Create) {
+        let msg = format!(
+            "tailnode mutates only Pod CREATE requests, but got {:?} of {}/{} {}; fix the rules of the MutatingWebhookConfiguration",
+            req.operation, kind.group, kind.version, kind.kind
+        );
+        return (deny(&req, msg), "error");
+    }
+    let Some(object) = req.object.as_ref() else {
+        return (
+            deny(&req, "tailnode: the Pod CREATE request has no object".into()),
+            "error",
+        );
+    };
+    let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                deny(&req, format!("tailnode: the object is not a valid Pod: {e}")),
+                "error",
+            );
+        }
+    };
+    let Some(node_name) = pod.metadata.labels.as_ref().and_then(|l| l.get(NODE_LABEL)).cloned() else {
+        return (AdmissionResponse::from(&req).into_review(), "skipped");
+    };
+    let Some(node) = state.nodes.get(&ObjectRef::new(&node_name).within(&ns)) else {
+        let msg = format!(
+            "pod opts into tailnode with label {NODE_LABEL}={node_name}, but there is no TailscaleNode {node_name} in namespace {ns}; create it (kubectl get tsn -n {ns}) or fix the label"
+        );
+        return (deny(&req, msg), "denied");
+    };
+    let level = state
+        .namespaces
+        .get(&ObjectRef::new(&ns))
+        .and_then(|n| n.metadata.labels.as_ref().and_then(|l| l.get(ENFORCE_LABEL)).cloned());
+    let facts = ClusterFacts {
+        native_sidecars: state.native_sidecars,
+        pod_security: PodSecurityLevel::from_label(level.as_deref()),
+        workload: WorkloadKind::Other,
+        defaults: state.defaults.clone(),
+    };
+    match inject_pod(&pod, &node, &facts) {
+        Ok(Outcome::Skipped(_)) => (AdmissionResponse::from(&req).into_review(), "skipped"),
+        Ok(Outcome::Injected { object, mode }) => {
+            let before = serde_json::to_value(&pod);
+            let after = serde_json::to_value(&object);
+            let (Ok(before), Ok(after)) = (before, after) else {
+                return (deny(&req, "tailnode: could not serialise the pod".into()), "error");
+            };
+            let patch = json_patch::diff(&before, &after);
+            match AdmissionResponse::from(&req).with_patch(patch) {
+                Ok(resp) => {
+                    info!(node = %node_name, mode = mode.as_str(), "injected sidecar");
+                    (resp.into_review(), "injected")
+                }
+                Err(e) => (
+                    deny(&req, format!("tailnode: could not encode the patch: {e}")),
+                    "error",
+                ),
+            }
+        }
+        Err(e) => (deny(&req, format!("tailnode: {e}")), "denied"),
+    }
+}

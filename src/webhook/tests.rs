@@ -1,0 +1,190 @@
+use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher::Event;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::api::TailscaleNode;
+use crate::inject::OperatorDefaults;
+use crate::metrics::Metrics;
+
+fn state(level: Option<&str>) -> WebhookState {
+    let mut nodes = Writer::<TailscaleNode>::default();
+    let node: TailscaleNode = serde_json::from_value(json!({
+        "apiVersion": "tailnode.dev/v1alpha1", "kind": "TailscaleNode",
+        "metadata": {"name": "web", "namespace": "apps"}, "spec": {"mode": "auto"}
+    }))
+    .unwrap();
+    nodes.apply_watcher_event(&Event::Apply(node));
+    let mut namespaces = Writer::<Namespace>::default();
+    let labels = level
+        .map(|l| json!({"pod-security.kubernetes.io/enforce": l}))
+        .unwrap_or(json!({}));
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "apps", "labels": labels}})).unwrap();
+    namespaces.apply_watcher_event(&Event::Apply(ns));
+    WebhookState {
+        nodes: nodes.as_reader(),
+        namespaces: namespaces.as_reader(),
+        native_sidecars: true,
+        defaults: OperatorDefaults::default(),
+        metrics: std::sync::Arc::new(Metrics::default()),
+    }
+}
+
+fn request(object: Value, operation: &str, kind: Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": kind, "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": kind, "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "apps", "operation": operation,
+            "userInfo": {"username": "admin"}, "object": object, "oldObject": null, "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
+        }
+    }))
+    .unwrap()
+}
+
+/// The patch bytes (kube serialises them as a JSON array of bytes, which the apiserver accepts).
+fn patch_bytes(resp: &Value) -> Vec<u8> {
+    resp["patch"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect()
+}
+
+fn pod_kind() -> Value {
+    json!({"group": "", "version": "v1", "kind": "Pod"})
+}
+
+fn pod(label: Option<&str>) -> Value {
+    let labels = label.map(|l| json!({"tailnode.dev/node": l})).unwrap_or(json!({}));
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "web-", "namespace": "apps", "labels": labels},
+        "spec": {"containers": [{"name": "app", "image": "nginx"}]}})
+}
+
+fn response(review: &kube::core::admission::AdmissionReview<kube::api::DynamicObject>) -> Value {
+    serde_json::to_value(review).unwrap()["response"].clone()
+}
+
+#[test]
+fn labelled_pod_gets_a_patch_that_applies_cleanly() {
+    let (out, result) = review(
+        &state(Some("restricted")),
+        &request(pod(Some("web")), "CREATE", pod_kind()),
+    );
+    assert_eq!(result, "injected");
+    let resp = response(&out);
+    assert_eq!(resp["allowed"], true);
+    assert_eq!(resp["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+    assert_eq!(resp["patchType"], "JSONPatch");
+    let raw = patch_bytes(&resp);
+    let patch: json_patch::Patch = serde_json::from_slice(&raw).unwrap();
+    let mut doc = pod(Some("web"));
+    json_patch::patch(&mut doc, &patch).unwrap();
+    assert_eq!(doc["spec"]["initContainers"][0]["name"], "tailscale");
+    // auto in a restricted namespace is userspace.
+    assert_eq!(doc["metadata"]["annotations"]["tailnode.dev/mode"], "userspace");
+    assert_eq!(
+        doc["spec"]["containers"],
+        pod(None)["spec"]["containers"],
+        "the app container is untouched"
+    );
+}
+
+#[test]
+fn auto_mode_reads_the_namespace_label() {
+    let (out, _) = review(&state(None), &request(pod(Some("web")), "CREATE", pod_kind()));
+    let raw = patch_bytes(&response(&out));
+    assert!(
+        String::from_utf8(raw)
+            .unwrap()
+            .contains("\"tailnode.dev/mode\":\"tun\"")
+    );
+}
+
+#[test]
+fn unlabelled_pods_pass_without_patch() {
+    let (out, result) = review(&state(None), &request(pod(None), "CREATE", pod_kind()));
+    assert_eq!(result, "skipped");
+    let resp = response(&out);
+    assert_eq!(resp["allowed"], true);
+    assert!(resp.get("patch").is_none() || resp["patch"].is_null());
+}
+
+#[test]
+fn a_missing_node_is_denied_with_what_to_fix() {
+    let (out, result) = review(&state(None), &request(pod(Some("db")), "CREATE", pod_kind()));
+    assert_eq!(result, "denied");
+    let resp = response(&out);
+    assert_eq!(resp["allowed"], false);
+    let msg = resp["status"]["message"].as_str().unwrap();
+    assert!(msg.contains("no TailscaleNode db in namespace apps"), "{msg}");
+}
+
+#[test]
+fn not_a_pod_or_not_create_is_refused_clearly() {
+    let deploy = json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+    let (out, result) = review(&state(None), &request(json!({"kind": "Deployment"}), "CREATE", deploy));
+    assert_eq!(result, "error");
+    let msg = response(&out)["status"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("only Pod CREATE") && msg.contains("Deployment"), "{msg}");
+    let (out, _) = review(&state(None), &request(pod(Some("web")), "UPDATE", pod_kind()));
+    assert_eq!(response(&out)["allowed"], false);
+}
+
+#[test]
+fn malformed_reviews_get_an_error_response_not_a_panic() {
+    for body in [
+        &b"not json"[..],
+        b"{}",
+        b"{\"apiVersion\":\"admission.k8s.io/v1\",\"kind\":\"AdmissionReview\"}",
+    ] {
+        let (out, result) = review(&state(None), body);
+        assert_eq!(result, "error");
+        assert_eq!(response(&out)["allowed"], false);
+    }
+    let bad_pod = json!({"metadata": {"labels": {"tailnode.dev/node": "web"}}, "spec": {"containers": "nope"}});
+    let (out, _) = review(&state(None), &request(bad_pod, "CREATE", pod_kind()));
+    assert!(
+        response(&out)["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid Pod")
+    );
+}
+
+#[test]
+fn tun_refused_in_restricted_namespace_is_explained() {
+    let s = state(Some("restricted"));
+    let mut w = Writer::<TailscaleNode>::default();
+    let node: TailscaleNode =
+        serde_json::from_value(json!({"apiVersion": "tailnode.dev/v1alpha1", "kind": "TailscaleNode",
+        "metadata": {"name": "web", "namespace": "apps"}, "spec": {"mode": "tun"}}))
+        .unwrap();
+    w.apply_watcher_event(&Event::Apply(node));
+    let s = WebhookState {
+        nodes: w.as_reader(),
+        ..s
+    };
+    let (out, result) = review(&s, &request(pod(Some("web")), "CREATE", pod_kind()));
+    assert_eq!(result, "denied");
+    assert!(
+        response(&out)["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("forbids NET_ADMIN")
+    );
+}
+
+#[test]
+fn native_sidecar_support_by_version() {
+    assert!(supports_native_sidecars("1", "29"));
+    assert!(supports_native_sidecars("1", "36+"));
+    assert!(!supports_native_sidecars("1", "28"));
+    assert!(!supports_native_sidecars("x", "y"));
+}
