@@ -5,6 +5,20 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+pub mod fake;
+pub mod headscale;
+pub mod retry;
+pub mod static_key;
+pub mod tailscale;
+
+#[cfg(test)]
+mod tests;
+
+pub use headscale::{HeadscaleApi, HeadscaleConfig};
+pub use retry::RetryPolicy;
+pub use static_key::StaticKey;
+pub use tailscale::{TailscaleApi, TailscaleConfig};
+
 /// What to mint: a single-use, pre-authorized key for one replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MintRequest {
@@ -84,6 +98,17 @@ impl ApiError {
             ApiError::RateLimited { .. } | ApiError::Server { .. } | ApiError::Transport(_)
         )
     }
+}
+
+/// Errors of building a key-API client from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The base URL does not parse or is not http(s).
+    #[error("invalid API base URL {url}: {message}")]
+    BaseUrl { url: String, message: String },
+    /// The HTTP client could not be built (TLS set-up).
+    #[error("could not build the HTTP client: {0}")]
+    Client(String),
 }
 
 /// Mints auth keys and deletes devices for one credential.
