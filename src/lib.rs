@@ -4,13 +4,16 @@
 //! Layout: [`api`] holds the `TailscaleNode` types; [`inject`] is the pure injection engine and
 //! serve-config renderer; [`manifest`] applies the engine to multi-document YAML (`tailnode inject`).
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod args;
+pub mod certs;
 pub mod crd;
 pub mod inject;
 pub mod manifest;
 pub mod metrics;
+pub mod tls;
 pub mod tsapi;
 
 /// Installs the process-wide TLS crypto provider (ring). Call once before any TLS client or
