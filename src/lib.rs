@@ -4,14 +4,17 @@
 //! Layout: [`api`] holds the `TailscaleNode` types; [`inject`] is the pure injection engine and
 //! serve-config renderer; [`manifest`] applies the engine to multi-document YAML (`tailnode inject`).
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod args;
+pub mod certs;
 pub mod controller;
 pub mod crd;
 pub mod inject;
 pub mod manifest;
 pub mod metrics;
+pub mod tls;
 pub mod tsapi;
 pub mod webhook;
 
