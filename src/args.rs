@@ -23,6 +23,107 @@ pub enum Command {
     /// Inject the Tailscale sidecar into the pod templates of Kubernetes manifests (like
     /// `istioctl kube-inject`) and print the result.
     Inject(InjectArgs),
+    /// Run the operator: admission webhook, controller, and admin server.
+    Run(Box<RunArgs>),
+}
+
+/// `tailnode run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Namespace the operator runs in (its Lease, webhook Secret and default credentials live here).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tailnode-system")]
+    pub namespace: String,
+    /// This replica's identity for leader election.
+    #[arg(long, env = "POD_NAME", default_value = "tailnode")]
+    pub identity: String,
+    /// Serve the admission webhook.
+    #[arg(long, env = "TAILNODE_WEBHOOK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub webhook: bool,
+    /// Run the controller (behind leader election).
+    #[arg(long, env = "TAILNODE_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub controller: bool,
+    /// Serve /healthz, /readyz and /metrics.
+    #[arg(long, env = "TAILNODE_ADMIN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub admin: bool,
+    /// Webhook HTTPS listen address.
+    #[arg(long, env = "TAILNODE_WEBHOOK_ADDR", default_value = "0.0.0.0:8443")]
+    pub webhook_addr: std::net::SocketAddr,
+    /// Admin HTTP listen address.
+    #[arg(long, env = "TAILNODE_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: std::net::SocketAddr,
+    /// Webhook certificate and key files (e.g. from cert-manager), hot-reloaded. Without them the
+    /// operator manages its own CA and certificate in a Secret.
+    #[arg(long, env = "TAILNODE_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Key file matching --tls-cert-file.
+    #[arg(long, env = "TAILNODE_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Secret for self-managed webhook certificates.
+    #[arg(long, env = "TAILNODE_WEBHOOK_SECRET", default_value = "tailnode-webhook-tls")]
+    pub webhook_secret: String,
+    /// Service in front of the webhook (its DNS names go into the certificate).
+    #[arg(long, env = "TAILNODE_WEBHOOK_SERVICE", default_value = "tailnode-webhook")]
+    pub webhook_service: String,
+    /// Extra names (DNS or IP) for the webhook certificate, comma-separated.
+    #[arg(long, env = "TAILNODE_WEBHOOK_EXTRA_NAMES", value_delimiter = ',')]
+    pub webhook_extra_names: Vec<String>,
+    /// MutatingWebhookConfiguration whose caBundle the operator keeps current (self-managed certs).
+    #[arg(long, env = "TAILNODE_WEBHOOK_CONFIG", default_value = "tailnode")]
+    pub webhook_config: String,
+    /// Elect a leader with a Lease before running the controller.
+    #[arg(long, env = "TAILNODE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "TAILNODE_LEASE", default_value = "tailnode-controller")]
+    pub lease_name: String,
+    /// Lifetime of a minted, unused auth key, in seconds.
+    #[arg(long, env = "TAILNODE_KEY_TTL_SECONDS", default_value_t = 600)]
+    pub key_ttl_seconds: u64,
+    /// Kind of the operator-wide default credentials.
+    #[arg(long, env = "TAILNODE_DEFAULT_CREDENTIALS", value_enum)]
+    pub default_credentials: Option<CredentialKind>,
+    /// Secret (in --namespace) with the default credentials.
+    #[arg(
+        long,
+        env = "TAILNODE_DEFAULT_CREDENTIALS_SECRET",
+        default_value = "tailnode-credentials"
+    )]
+    pub default_credentials_secret: String,
+    /// Headscale URL of the default credentials.
+    #[arg(long, env = "TAILNODE_DEFAULT_HEADSCALE_URL")]
+    pub default_headscale_url: Option<String>,
+    /// Headscale user (id or name) of the default credentials.
+    #[arg(long, env = "TAILNODE_DEFAULT_HEADSCALE_USER", default_value = "tailnode")]
+    pub default_headscale_user: String,
+    /// Tailscale API base URL of the default OAuth credentials.
+    #[arg(long, env = "TAILNODE_DEFAULT_API_URL")]
+    pub default_api_url: Option<String>,
+    /// Log format.
+    #[arg(long, env = "TAILNODE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+    /// Operator-wide defaults for the sidecar.
+    #[command(flatten)]
+    pub defaults: DefaultsArgs,
+}
+
+/// Kinds of default credentials.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// Tailscale OAuth client (keys `client_id`, `client_secret`).
+    Oauth,
+    /// Headscale API key (key `api-key`).
+    Headscale,
+    /// Static auth key (key `authkey`).
+    Authkey,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `tailnode inject`.

@@ -2,7 +2,9 @@
 //! Tailscale sidecar (containerboot) into every pod that opts in.
 //!
 //! Layout: [`api`] holds the `TailscaleNode` types; [`inject`] is the pure injection engine and
-//! serve-config renderer; [`manifest`] applies the engine to multi-document YAML (`tailnode inject`).
+//! serve-config renderer; [`manifest`] applies the engine to multi-document YAML (`tailnode
+//! inject`); [`webhook`] and [`controller`] are the operator's two halves, [`tsapi`] the key APIs,
+//! [`tls`]/[`certs`]/[`admin`] the serving plumbing, and [`app`] wires them for `tailnode run`.
 
 pub mod admin;
 pub mod api;
@@ -14,6 +16,7 @@ pub mod crd;
 pub mod inject;
 pub mod manifest;
 pub mod metrics;
+pub mod telemetry;
 pub mod tls;
 pub mod tsapi;
 pub mod webhook;

@@ -4,22 +4,24 @@
 # Harness layout (all under $harness, default <repo>/.harness, override TAILNODE_HARNESS_DIR):
 #   env                 the export lines `up` prints (KUBECONFIG, TAILNODE_HEADSCALE_*, PATH, ...)
 #   kubeconfig          admin kubeconfig (client cert CN=admin, O=system:masters)
+#   kube-controller-manager.kubeconfig   its kubeconfig (client cert CN=system:kube-controller-manager)
 #   ca.crt              CA that signed the apiserver serving cert and the admin client cert
 #   headscale.apikey    headscale API key (Bearer token for /api/v1)
 #   ports               KEY=VALUE port assignments
 #   pki/                CA, serving/client certs, service-account key pair
 #   etcd/               etcd data dir
 #   headscale/          headscale config, policy, sqlite db, keys (socket too, unless the path is too long)
-#   pids/<name>.pid     one per background process: etcd, kube-apiserver, headscale
+#   pids/<name>.pid     one per background process: etcd, kube-apiserver, kube-controller-manager,
+#                       headscale
 #   logs/<name>.log     their stdout+stderr
 
 lib_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$lib_here/../.." && pwd)
 harness=$(realpath -m "${TAILNODE_HARNESS_DIR:-$repo/.harness}")
 
-# Every process the harness starts (down stops etcd last).
+# Every process the harness starts (down stops kube-controller-manager before the apiserver, etcd last).
 # shellcheck disable=SC2034 # used by up and down
-harness_procs=(headscale kube-apiserver etcd)
+harness_procs=(headscale kube-controller-manager kube-apiserver etcd)
 
 # Paths end up unquoted in the env file and in YAML; refuse anything exotic rather than quote.
 case $harness in

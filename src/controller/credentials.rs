@@ -6,72 +6,14 @@ use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
-use sha2::{Digest, Sha256};
 
 use super::desired::secret_value;
 use super::status::Problem;
 use crate::api::{Credentials, TailscaleNode};
-use crate::tsapi::KeyApi;
+use crate::tsapi::{ConfigError, KeyApi, ResolvedCredentials};
 
-/// Credentials with their secrets read. Never log the values.
-#[derive(Clone, PartialEq, Eq)]
-pub enum ResolvedCredentials {
-    /// Tailscale OAuth client.
-    OAuth {
-        client_id: String,
-        client_secret: String,
-        api_url: String,
-        tailnet: String,
-    },
-    /// Headscale API key.
-    Headscale { url: String, api_key: String, user: String },
-    /// A static auth key.
-    Static { key: String },
-}
-
-impl std::fmt::Debug for ResolvedCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self {
-            ResolvedCredentials::OAuth { .. } => "OAuth",
-            ResolvedCredentials::Headscale { .. } => "Headscale",
-            ResolvedCredentials::Static { .. } => "Static",
-        };
-        write!(f, "ResolvedCredentials::{kind}(<redacted>)")
-    }
-}
-
-impl ResolvedCredentials {
-    fn cache_key(&self) -> String {
-        let mut h = Sha256::new();
-        match self {
-            ResolvedCredentials::OAuth {
-                client_id,
-                client_secret,
-                api_url,
-                tailnet,
-            } => {
-                for part in ["oauth", client_id, client_secret, api_url, tailnet] {
-                    h.update(part.as_bytes());
-                    h.update([0]);
-                }
-            }
-            ResolvedCredentials::Headscale { url, api_key, user } => {
-                for part in ["headscale", url, api_key, user] {
-                    h.update(part.as_bytes());
-                    h.update([0]);
-                }
-            }
-            ResolvedCredentials::Static { key } => {
-                h.update(b"static\0");
-                h.update(key.as_bytes());
-            }
-        }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
-/// Builds a key API for resolved credentials.
-pub type ApiFactory = Arc<dyn Fn(&ResolvedCredentials) -> Arc<dyn KeyApi> + Send + Sync>;
+/// Builds a key API for resolved credentials (fails only on unusable settings such as a bad URL).
+pub type ApiFactory = Arc<dyn Fn(&ResolvedCredentials) -> Result<Arc<dyn KeyApi>, ConfigError> + Send + Sync>;
 
 /// The operator-wide default credentials: a spec-shaped value whose Secrets live in `namespace`.
 #[derive(Debug, Clone)]
@@ -121,8 +63,15 @@ impl CredentialCache {
             reason: "InternalError",
             message: "credential cache poisoned".into(),
         })?;
-        let api = apis.entry(key).or_insert_with(|| (self.factory)(&resolved));
-        Ok(api.clone())
+        if let Some(api) = apis.get(&key) {
+            return Ok(api.clone());
+        }
+        let api = (self.factory)(&resolved).map_err(|e| Problem {
+            reason: "InvalidCredentials",
+            message: format!("the credentials cannot be used: {e}"),
+        })?;
+        apis.insert(key, api.clone());
+        Ok(api)
     }
 }
 

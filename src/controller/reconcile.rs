@@ -37,10 +37,15 @@ pub async fn reconcile(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Ac
             Finalizer::Cleanup(n) => cleanup(n, ctx.clone()).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .await;
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
-    result
+    match result {
+        // A queued reconcile of a node whose finalizer was already removed: it is gone, done.
+        Err(kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(e))) if e.code == 404 => {
+            Ok(Action::await_change())
+        }
+        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    }
 }
 
 struct Observed {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+pub mod credentials;
 pub mod fake;
 pub mod headscale;
 pub mod retry;
@@ -14,6 +15,7 @@ pub mod tailscale;
 #[cfg(test)]
 mod tests;
 
+pub use credentials::{ResolvedCredentials, build};
 pub use headscale::{HeadscaleApi, HeadscaleConfig};
 pub use retry::RetryPolicy;
 pub use static_key::StaticKey;

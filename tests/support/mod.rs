@@ -179,10 +179,15 @@ impl TestNamespace {
             .await
             .expect("create namespace");
         let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa");
-        Api::<ServiceAccount>::namespaced(client.clone(), &name)
+        // A controller-manager may have made it already.
+        match Api::<ServiceAccount>::namespaced(client.clone(), &name)
             .create(&PostParams::default(), &sa)
             .await
-            .expect("create default service account");
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("create default service account: {e}"),
+        }
         TestNamespace {
             name,
             client: client.clone(),
@@ -256,3 +261,4 @@ pub async fn install_crd(client: &Client) {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+pub mod operator;

@@ -1,0 +1,90 @@
+//! Credentials with their Secrets read, and the key API they build.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::{ConfigError, HeadscaleApi, HeadscaleConfig, KeyApi, StaticKey, TailscaleApi, TailscaleConfig};
+use crate::metrics::Metrics;
+
+/// Credentials with their secrets read. Never log the values.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ResolvedCredentials {
+    /// Tailscale OAuth client.
+    OAuth {
+        client_id: String,
+        client_secret: String,
+        api_url: String,
+        tailnet: String,
+    },
+    /// Headscale API key.
+    Headscale { url: String, api_key: String, user: String },
+    /// A static auth key.
+    Static { key: String },
+}
+
+impl std::fmt::Debug for ResolvedCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            ResolvedCredentials::OAuth { .. } => "OAuth",
+            ResolvedCredentials::Headscale { .. } => "Headscale",
+            ResolvedCredentials::Static { .. } => "Static",
+        };
+        write!(f, "ResolvedCredentials::{kind}(<redacted>)")
+    }
+}
+
+impl ResolvedCredentials {
+    /// A digest of the credential content (for caching clients; never the values themselves).
+    pub fn cache_key(&self) -> String {
+        let mut h = Sha256::new();
+        match self {
+            ResolvedCredentials::OAuth {
+                client_id,
+                client_secret,
+                api_url,
+                tailnet,
+            } => {
+                for part in ["oauth", client_id, client_secret, api_url, tailnet] {
+                    h.update(part.as_bytes());
+                    h.update([0]);
+                }
+            }
+            ResolvedCredentials::Headscale { url, api_key, user } => {
+                for part in ["headscale", url, api_key, user] {
+                    h.update(part.as_bytes());
+                    h.update([0]);
+                }
+            }
+            ResolvedCredentials::Static { key } => {
+                h.update(b"static\0");
+                h.update(key.as_bytes());
+            }
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The key API for `creds`.
+pub fn build(creds: &ResolvedCredentials, metrics: Option<Arc<Metrics>>) -> Result<Arc<dyn KeyApi>, ConfigError> {
+    Ok(match creds {
+        ResolvedCredentials::OAuth {
+            client_id,
+            client_secret,
+            api_url,
+            tailnet,
+        } => {
+            let mut cfg = TailscaleConfig::new(client_id.clone(), client_secret.clone());
+            cfg.base_url = api_url.clone();
+            cfg.tailnet = tailnet.clone();
+            cfg.metrics = metrics;
+            Arc::new(TailscaleApi::new(cfg)?)
+        }
+        ResolvedCredentials::Headscale { url, api_key, user } => {
+            let mut cfg = HeadscaleConfig::new(url.clone(), api_key.clone(), user.clone());
+            cfg.metrics = metrics;
+            Arc::new(HeadscaleApi::new(cfg)?)
+        }
+        ResolvedCredentials::Static { key } => Arc::new(StaticKey::new(key.clone())),
+    })
+}
