@@ -262,3 +262,4 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 pub mod operator;
+pub mod podrunner;
