@@ -28,6 +28,9 @@ pub struct DefaultCredentials {
 pub struct CredentialCache {
     factory: ApiFactory,
     apis: Mutex<HashMap<String, Arc<dyn KeyApi>>>,
+    /// The last key API that worked for each node (namespace/name): cleanup still deletes devices
+    /// when the credential Secret is gone first, e.g. while the namespace is being deleted.
+    last_good: Mutex<HashMap<String, Arc<dyn KeyApi>>>,
 }
 
 impl CredentialCache {
@@ -36,7 +39,14 @@ impl CredentialCache {
         CredentialCache {
             factory,
             apis: Mutex::new(HashMap::new()),
+            last_good: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The key API that last worked for `node`, if any.
+    pub fn last_known(&self, node: &TailscaleNode) -> Option<Arc<dyn KeyApi>> {
+        let map = self.last_good.lock().ok()?;
+        map.get(&node_key(node)).cloned()
     }
 
     /// The key API for `node`, or the problem the user must fix.
@@ -63,14 +73,21 @@ impl CredentialCache {
             reason: "InternalError",
             message: "credential cache poisoned".into(),
         })?;
-        if let Some(api) = apis.get(&key) {
-            return Ok(api.clone());
+        let api = match apis.get(&key) {
+            Some(api) => api.clone(),
+            None => {
+                let api = (self.factory)(&resolved).map_err(|e| Problem {
+                    reason: "InvalidCredentials",
+                    message: format!("the credentials cannot be used: {e}"),
+                })?;
+                apis.insert(key, api.clone());
+                api
+            }
+        };
+        drop(apis);
+        if let Ok(mut last) = self.last_good.lock() {
+            last.insert(node_key(node), api.clone());
         }
-        let api = (self.factory)(&resolved).map_err(|e| Problem {
-            reason: "InvalidCredentials",
-            message: format!("the credentials cannot be used: {e}"),
-        })?;
-        apis.insert(key, api.clone());
         Ok(api)
     }
 }
@@ -123,4 +140,12 @@ pub async fn resolve(client: &Client, ns: &str, creds: &Credentials) -> Result<R
         reason: "NoCredentials",
         message: "spec.credentials names no credential source".into(),
     })
+}
+
+fn node_key(node: &TailscaleNode) -> String {
+    format!(
+        "{}/{}",
+        node.metadata.namespace.as_deref().unwrap_or_default(),
+        node.metadata.name.as_deref().unwrap_or_default()
+    )
 }

@@ -180,7 +180,14 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
                     .map_err(Error::Kube)?;
             }
             SecretAction::Retire { secret, device_id } => {
-                if let Err(p) = retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device_id.as_deref()).await {
+                let api = api.clone().or_else(|| ctx.credentials.last_known(&node));
+                let abandon = api.is_none() && namespace_terminating(&ctx, &ns).await;
+                let result = if abandon {
+                    abandon_device(&secrets_api, &secret).await
+                } else {
+                    retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device_id.as_deref()).await
+                };
+                if let Err(p) = result {
                     findings.failures.push(p);
                 }
             }
@@ -310,6 +317,11 @@ async fn retire(
             }
         }
     }
+    release_secret(secrets, secret).await
+}
+
+/// Removes the device finalizer from a state Secret and deletes it.
+async fn release_secret(secrets: &Api<Secret>, secret: &str) -> Result<(), Problem> {
     let write_err = |e: kube::Error| Problem {
         reason: "SecretWriteFailed",
         message: format!("removing Secret {secret}: {e}"),
@@ -379,6 +391,21 @@ async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, 
     .await?;
     ctx.backoff.reset(&node);
     Ok(Action::await_change())
+}
+
+async fn namespace_terminating(ctx: &Context, ns: &str) -> bool {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
+    matches!(api.get_opt(ns).await, Ok(Some(n)) if n.metadata.deletion_timestamp.is_some())
+}
+
+/// Releases a state Secret whose device cannot be deleted (no usable credentials while the
+/// namespace is being deleted). The device stays in the tailnet until removed by hand.
+async fn abandon_device(secrets: &Api<Secret>, secret: &str) -> Result<(), Problem> {
+    warn!(
+        secret,
+        "namespace is terminating and credentials are unusable; leaving the device in the tailnet"
+    );
+    release_secret(secrets, secret).await
 }
 
 async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), Error>

@@ -148,6 +148,46 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// A single-use Headscale pre-auth key for the harness user, tagged `tags`.
+    pub async fn preauth_key(&self, tags: &[&str]) -> String {
+        let expiration = (chrono::Utc::now() + chrono::Duration::minutes(30)).to_rfc3339();
+        let body = json!({"user": self.headscale_user_id, "reusable": false, "ephemeral": false,
+            "expiration": expiration, "aclTags": tags});
+        let resp: serde_json::Value = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("http client")
+            .post(format!("{}/api/v1/preauthkey", self.headscale_url))
+            .bearer_auth(&self.headscale_api_key)
+            .json(&body)
+            .send()
+            .await
+            .expect("headscale answers")
+            .json()
+            .await
+            .expect("headscale JSON");
+        resp["preAuthKey"]["key"].as_str().expect("a key").to_string()
+    }
+
+    /// Headscale's nodes (`GET /api/v1/node`).
+    pub async fn headscale_nodes(&self) -> Vec<serde_json::Value> {
+        let resp: serde_json::Value = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("http client")
+            .get(format!("{}/api/v1/node", self.headscale_url))
+            .bearer_auth(&self.headscale_api_key)
+            .send()
+            .await
+            .expect("headscale answers")
+            .json()
+            .await
+            .expect("headscale JSON");
+        resp["nodes"].as_array().cloned().unwrap_or_default()
+    }
+}
+
 /// A unique, DNS-safe name with a prefix.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
