@@ -192,7 +192,7 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
             nodes: nodes.clone(),
             namespaces: namespaces.clone(),
             native_sidecars: supports_native_sidecars(&version.major, &version.minor),
-            defaults: a.defaults.to_defaults(),
+            defaults: a.operator_defaults(),
             metrics: metrics.clone(),
         });
         let listener = tokio::net::TcpListener::bind(a.webhook_addr)

@@ -106,6 +106,18 @@ pub struct RunArgs {
     pub defaults: DefaultsArgs,
 }
 
+impl RunArgs {
+    /// The engine's defaults. With default Headscale credentials and no `--control-url`, the
+    /// Headscale URL is also the login server (a sidecar must never fall back to Tailscale's).
+    pub fn operator_defaults(&self) -> OperatorDefaults {
+        let mut defaults = self.defaults.to_defaults();
+        if defaults.control_url.is_none() && self.default_credentials == Some(CredentialKind::Headscale) {
+            defaults.control_url = self.default_headscale_url.clone();
+        }
+        defaults
+    }
+}
+
 /// Kinds of default credentials.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum CredentialKind {
@@ -189,5 +201,44 @@ impl From<LevelArg> for PodSecurityLevel {
             LevelArg::Baseline => PodSecurityLevel::Baseline,
             LevelArg::Restricted => PodSecurityLevel::Restricted,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["tailnode", "run"];
+        argv.extend_from_slice(extra);
+        match Args::parse_from(argv).command {
+            Command::Run(r) => *r,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn default_headscale_url_is_the_login_server() {
+        let a = run_args(&[
+            "--default-credentials=headscale",
+            "--default-headscale-url=http://hs.local:8080",
+        ]);
+        assert_eq!(
+            a.operator_defaults().control_url.as_deref(),
+            Some("http://hs.local:8080")
+        );
+        let explicit = run_args(&[
+            "--default-credentials=headscale",
+            "--default-headscale-url=http://hs.local:8080",
+            "--control-url=https://login.example",
+        ]);
+        assert_eq!(
+            explicit.operator_defaults().control_url.as_deref(),
+            Some("https://login.example")
+        );
+        assert_eq!(run_args(&[]).operator_defaults().control_url, None);
+        assert!(run_args(&[]).operator_defaults().no_logs_no_support);
     }
 }

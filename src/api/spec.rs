@@ -200,7 +200,7 @@ pub struct AuthKeyCredentials {
 pub struct ServeEndpoint {
     /// Tailnet port to listen on.
     #[schemars(range(min = 1, max = 65535))]
-    pub port: u16,
+    pub port: i32,
     /// `https` (TLS terminated by Tailscale), `http`, or `tcp` (raw TCP forward).
     pub protocol: ServeProtocol,
     /// Where traffic goes, inside the pod: `http://127.0.0.1:8080` or `tcp://127.0.0.1:5432`.
@@ -241,11 +241,11 @@ pub struct Outbound {
     /// Port of a SOCKS5 proxy on localhost (e.g. 1055).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
-    pub socks5_port: Option<u16>,
+    pub socks5_port: Option<i32>,
     /// Port of an HTTP CONNECT proxy on localhost (e.g. 1056).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
-    pub http_proxy_port: Option<u16>,
+    pub http_proxy_port: Option<i32>,
     /// Set `ALL_PROXY`, `HTTP_PROXY`, `HTTPS_PROXY` and `NO_PROXY` (and their lower-case forms)
     /// in the app containers. A variable the container already sets is left as it is.
     #[serde(default)]
@@ -312,7 +312,7 @@ pub struct SidecarSpec {
     /// Port of the sidecar's health endpoint (`/healthz`) used by its probes (default 9002).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
-    pub health_port: Option<u16>,
+    pub health_port: Option<i32>,
     /// TUN mode only: run the sidecar `privileged` (some clusters need it for kernel networking).
     #[serde(default)]
     pub privileged: bool,

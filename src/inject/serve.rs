@@ -122,7 +122,7 @@ pub fn render_serve_config(endpoints: &[ServeEndpoint]) -> String {
 mod tests {
     use super::*;
 
-    fn ep(port: u16, protocol: ServeProtocol, target: &str, funnel: bool) -> ServeEndpoint {
+    fn ep(port: i32, protocol: ServeProtocol, target: &str, funnel: bool) -> ServeEndpoint {
         ServeEndpoint {
             port,
             protocol,

@@ -26,7 +26,7 @@ pub const SERVE_DIR: &str = "/etc/tailnode/serve";
 /// File name of the serve config inside the ConfigMap.
 pub const SERVE_FILE: &str = "serve.json";
 /// Default port of containerboot's health endpoint.
-pub const DEFAULT_HEALTH_PORT: u16 = 9002;
+pub const DEFAULT_HEALTH_PORT: i32 = 9002;
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 const NON_ROOT_UID: i64 = 1000;
 
@@ -65,7 +65,7 @@ pub(super) fn add(spec: &mut PodSpec, plan: &Plan<'_>) -> Result<(), InjectError
     Ok(())
 }
 
-fn health_port(spec: &TailscaleNodeSpec) -> u16 {
+fn health_port(spec: &TailscaleNodeSpec) -> i32 {
     spec.sidecar
         .as_ref()
         .and_then(|s| s.health_port)
@@ -79,7 +79,7 @@ fn container(plan: &Plan<'_>) -> Container {
     let probe = |period, failures| Probe {
         http_get: Some(HTTPGetAction {
             path: Some("/healthz".into()),
-            port: IntOrString::Int(i32::from(port)),
+            port: IntOrString::Int(port),
             ..Default::default()
         }),
         period_seconds: Some(period),
@@ -167,7 +167,7 @@ pub(super) fn extra_args(plan: &Plan<'_>) -> Vec<String> {
     args
 }
 
-fn env_vars(plan: &Plan<'_>, health_port: u16, extra: Vec<EnvVar>) -> Vec<EnvVar> {
+fn env_vars(plan: &Plan<'_>, health_port: i32, extra: Vec<EnvVar>) -> Vec<EnvVar> {
     let spec = plan.spec;
     // Order matters: $(VAR) expands only variables defined earlier in the same container.
     let mut env = vec![
