@@ -26,9 +26,13 @@ use crate::{admin, certs, manifest, tls};
 /// Runs the parsed command line.
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
-        Command::Crd => {
-            let yaml = crate::crd::crd_yaml().context("rendering the CRD")?;
-            std::io::stdout().write_all(yaml.as_bytes())?;
+        Command::Crd { reference } => {
+            let text = if reference {
+                crate::crd::reference_markdown()
+            } else {
+                crate::crd::crd_yaml().context("rendering the CRD")?
+            };
+            std::io::stdout().write_all(text.as_bytes())?;
             Ok(())
         }
         Command::Inject(a) => inject(a),

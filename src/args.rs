@@ -19,7 +19,11 @@ pub struct Args {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print the TailscaleNode CustomResourceDefinition as YAML.
-    Crd,
+    Crd {
+        /// Print a Markdown field reference instead (docs/reference.md).
+        #[arg(long)]
+        reference: bool,
+    },
     /// Inject the Tailscale sidecar into the pod templates of Kubernetes manifests (like
     /// `istioctl kube-inject`) and print the result.
     Inject(InjectArgs),

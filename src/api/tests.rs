@@ -194,6 +194,15 @@ fn committed_crd_matches_the_types() {
 }
 
 #[test]
+fn committed_reference_matches_the_types() {
+    let committed = include_str!("../../docs/reference.md");
+    assert!(
+        committed == crate::crd::reference_markdown(),
+        "docs/reference.md is stale: run `cargo run -- crd --reference > docs/reference.md`"
+    );
+}
+
+#[test]
 fn every_field_has_a_description() {
     use kube::CustomResourceExt;
     let crd = serde_json::to_value(TailscaleNode::crd()).unwrap();

@@ -93,6 +93,10 @@ async fn list_secrets(ctx: &Context, ns: &str, node: &str) -> Result<Vec<Secret>
 async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = node.namespace().unwrap_or_default();
     let key = node.name_any();
+    // Until the pod cache has synced, every existing replica would look gone.
+    if !pods_synced(&ctx).await {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let obs = observe(&node, &ctx).await?;
     let ttl = chrono::Duration::from_std(ctx.config.key_ttl).unwrap_or_else(|_| chrono::Duration::minutes(10));
     let (to_create, actions) = desired::plan(&obs.replicas, &obs.secrets, &obs.statefulsets, ttl, Utc::now(), false);
@@ -180,6 +184,10 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
                     .map_err(Error::Kube)?;
             }
             SecretAction::Retire { secret, device_id } => {
+                // Never retire on the cache's word alone: ask the apiserver whether the pod is gone.
+                if pod_still_exists(&ctx, &ns, &obs.secrets, &secret).await? {
+                    continue;
+                }
                 let api = api.clone().or_else(|| ctx.credentials.last_known(&node));
                 let abandon = api.is_none() && namespace_terminating(&ctx, &ns).await;
                 let result = if abandon {
@@ -391,6 +399,28 @@ async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, 
     .await?;
     ctx.backoff.reset(&node);
     Ok(Action::await_change())
+}
+
+async fn pods_synced(ctx: &Context) -> bool {
+    tokio::time::timeout(Duration::from_secs(30), ctx.pods.wait_until_ready())
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+/// True when the pod a state Secret belongs to still exists (and is not being deleted).
+async fn pod_still_exists(ctx: &Context, ns: &str, secrets: &[Secret], secret: &str) -> Result<bool, Error> {
+    let Some(s) = secrets.iter().find(|s| s.metadata.name.as_deref() == Some(secret)) else {
+        return Ok(false);
+    };
+    if s.metadata.deletion_timestamp.is_some() {
+        return Ok(false);
+    }
+    let Some(pod) = s.annotations().get(desired::POD_ANNOTATION) else {
+        return Ok(false);
+    };
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let found = api.get_opt(pod).await.map_err(Error::Kube)?;
+    Ok(found.is_some_and(|p| p.metadata.deletion_timestamp.is_none()))
 }
 
 async fn namespace_terminating(ctx: &Context, ns: &str) -> bool {
