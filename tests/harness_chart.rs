@@ -465,7 +465,8 @@ async fn helm_install_runs_the_operator_with_only_the_chart_rbac() {
         .lines()
         .filter(|l| {
             let l = l.to_ascii_lowercase();
-            l.contains("forbidden") || l.contains("403")
+            // Other tests' namespaces being deleted refuse new objects: not an RBAC refusal.
+            (l.contains("forbidden") || l.contains("403")) && !l.contains("namespaceterminating")
         })
         .collect();
     assert!(

@@ -97,6 +97,10 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
     if !pods_synced(&ctx).await {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    // Nothing can be created in a namespace that is going away; its deletion reaches the node.
+    if namespace_terminating(&ctx, &ns).await {
+        return Ok(Action::await_change());
+    }
     let obs = observe(&node, &ctx).await?;
     let ttl = chrono::Duration::from_std(ctx.config.key_ttl).unwrap_or_else(|_| chrono::Duration::minutes(10));
     let (to_create, actions) = desired::plan(&obs.replicas, &obs.secrets, &obs.statefulsets, ttl, Utc::now(), false);
