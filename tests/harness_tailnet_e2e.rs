@@ -231,6 +231,32 @@ async fn userspace_pods_join_restart_isolate_and_carry_traffic() {
     .await;
     assert!(body.contains("hello from pod a"), "{body}");
 
+    // Network discipline: every socket in pod a's netns talks to loopback or the pod itself.
+    let (r, pod_ip) = (run_a.clone(), run_a.ip.clone());
+    let sockets = blocking(move || r.exec(&["ss", "-tunaH"])).await;
+    let text = String::from_utf8_lossy(&sockets.stdout).to_string();
+    assert!(
+        sockets.status.success(),
+        "ss failed: {}",
+        String::from_utf8_lossy(&sockets.stderr)
+    );
+    assert!(
+        text.contains(":8080") && text.contains(":9002"),
+        "expected the app and the health port:\n{text}"
+    );
+    for line in text.lines() {
+        let peer = line.split_whitespace().nth(5).unwrap_or("*");
+        let host = peer
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(peer)
+            .trim_matches(['[', ']']);
+        let local = ["*", "0.0.0.0", "::", "127.0.0.1", "::1", pod_ip.as_str()].contains(&host)
+            || host.starts_with("127.")
+            || host.starts_with("::ffff:127.");
+        assert!(local, "pod a has a socket to a non-local peer: {line}\n{text}");
+    }
+
     // 5. The app in pod a reaches pod b over the tailnet through the injected proxy env.
     let sb = secret_where(&e, &format!("ts-{}", pod_b.name_any()), |s| !ips(s).is_empty()).await;
     let ip_b = ips(&sb)[0].clone();
