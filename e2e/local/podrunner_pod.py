@@ -268,7 +268,9 @@ def container_init(specfile):
     mount("-t", "proc", "proc", f"{root}/proc")
     mount("-t", "tmpfs", "-o", "mode=0755", "podrunner", f"{root}/run")
     mounts = [{"src": "/dev", "dst": "/dev"}, {"src": "/sys", "dst": "/sys", "ro": True},
-              {"src": s["tools"], "dst": s["tools"], "ro": True}, *s["mounts"]]
+              # The whole tool dir: bin/ holds relative links into its versioned siblings, and a
+              # volume (e.g. the emptyDir on /tmp) may hide the host path it lives under.
+              {"src": os.path.dirname(s["tools"]), "dst": os.path.dirname(s["tools"]), "ro": True}, *s["mounts"]]
     for m in sorted(mounts, key=lambda m: os.path.realpath(m["dst"]).count("/")):
         dst = root + os.path.realpath(m["dst"])
         if not os.path.lexists(dst):

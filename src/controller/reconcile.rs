@@ -376,17 +376,29 @@ async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, 
         Utc::now(),
         true,
     );
-    let api = ctx
+    let api = match ctx
         .credentials
         .for_node(&ctx.client, &node, ctx.config.default_credentials.as_ref())
         .await
-        .ok();
+    {
+        Ok(api) => Some(api),
+        Err(_) => ctx.credentials.last_known(&node),
+    };
+    // With the namespace going away and no way to reach the API, waiting would keep the
+    // namespace stuck forever: let go, and say so.
+    let abandon = api.is_none() && namespace_terminating(&ctx, &ns).await;
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let mut problems = Vec::new();
     for action in actions {
-        if let SecretAction::Retire { secret, device_id } = action
-            && let Err(p) = retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device_id.as_deref()).await
-        {
+        let SecretAction::Retire { secret, device_id } = action else {
+            continue;
+        };
+        let result = if abandon {
+            abandon_device(&secrets_api, &secret).await
+        } else {
+            retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device_id.as_deref()).await
+        };
+        if let Err(p) = result {
             problems.push(p.message);
         }
     }
