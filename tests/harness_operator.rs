@@ -351,26 +351,19 @@ async fn statefulset_secrets_survive_pod_deletion_and_use_real_headscale() {
     let uid = s0.metadata.uid.clone();
 
     // Headscale knows the keys, tagged.
-    let keys: Value = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!(
-            "{}/api/v1/preauthkey?user={}",
-            h.headscale_url, h.headscale_user_id
-        ))
-        .bearer_auth(&h.headscale_api_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let listed = keys.to_string();
-    assert!(
-        listed.contains(&data(&s0, "authkey").unwrap()[..12]) || listed.contains("tag:k8s"),
-        "{listed}"
-    );
+    let keys = h
+        .headscale_get(&format!("/api/v1/preauthkey?user={}", h.headscale_user_id))
+        .await;
+    // Headscale lists keys masked ("hskey-auth-<prefix>-***"): match each minted key by prefix.
+    for minted in [data(&s0, "authkey").unwrap(), data(&s1, "authkey").unwrap()] {
+        let listed = keys["preAuthKeys"].as_array().into_iter().flatten().find(|k| {
+            let shown = k["key"].as_str().unwrap_or_default().trim_end_matches('*');
+            !shown.is_empty() && minted.starts_with(shown)
+        });
+        let listed = listed.unwrap_or_else(|| panic!("Headscale does not list the minted key: {keys}"));
+        assert_eq!(listed["aclTags"], json!(["tag:k8s"]), "{listed}");
+        assert_eq!(listed["reusable"], json!(false), "{listed}");
+    }
 
     // Deleting a StatefulSet pod keeps its Secret (same object, no new key).
     register(&e, "ts-db-0", "90000", None).await;

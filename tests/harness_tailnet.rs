@@ -121,18 +121,7 @@ async fn containerboot_from_the_cache_boots_and_joins_headscale() {
     assert!(status.success(), "containerboot exit {status} after SIGTERM:\n{text}");
 
     // Headscale lists the node, with its tag.
-    let nodes: Value = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("{}/api/v1/node", h.headscale_url))
-        .bearer_auth(&h.headscale_api_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let nodes = h.headscale_get("/api/v1/node").await;
     let node = nodes["nodes"]
         .as_array()
         .into_iter()

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use reqwest::{StatusCode, Url};
+use reqwest::Url;
 use serde::Deserialize;
 use tokio::sync::OnceCell;
 
@@ -206,17 +206,7 @@ impl HeadscaleApi {
             self.http.delete(url.clone()).bearer_auth(&self.api_key)
         })
         .await?;
-        let status = resp.status();
-        if status.is_success() || status == StatusCode::NOT_FOUND {
-            tracing::debug!(
-                api = API,
-                node_id,
-                already_gone = status == StatusCode::NOT_FOUND,
-                "deleted node"
-            );
-            return Ok(true);
-        }
-        Err(retry::error_for(resp).await)
+        retry::gone(resp, API, &id).await
     }
 }
 

@@ -183,6 +183,21 @@ where
 
 /// Maps an unsuccessful, non-retried answer to an error: 400 → `BadRequest`, 401/403 →
 /// `Unauthorized`, anything else → `Server`.
+/// A DELETE answer: success and 404 both mean the object is gone (`Ok(true)`).
+pub(crate) async fn gone(resp: Response, api: &'static str, id: &str) -> Result<bool, ApiError> {
+    let status = resp.status();
+    if status.is_success() || status == StatusCode::NOT_FOUND {
+        tracing::debug!(
+            api,
+            id,
+            already_gone = status == StatusCode::NOT_FOUND,
+            "deleted device"
+        );
+        return Ok(true);
+    }
+    Err(error_for(resp).await)
+}
+
 pub(crate) async fn error_for(resp: Response) -> ApiError {
     let status = resp.status();
     let message = message_of(resp).await;

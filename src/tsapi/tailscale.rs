@@ -237,17 +237,7 @@ impl TailscaleApi {
         let resp = self
             .send_authed(|token| self.http.delete(url.clone()).bearer_auth(token))
             .await?;
-        let status = resp.status();
-        if status.is_success() || status == StatusCode::NOT_FOUND {
-            tracing::debug!(
-                api = API,
-                device_id,
-                already_gone = status == StatusCode::NOT_FOUND,
-                "deleted device"
-            );
-            return Ok(true);
-        }
-        Err(retry::error_for(resp).await)
+        retry::gone(resp, API, device_id).await
     }
 }
 

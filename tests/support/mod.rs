@@ -149,17 +149,32 @@ impl Harness {
 }
 
 impl Harness {
+    fn headscale(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("http client")
+            .request(method, format!("{}{path}", self.headscale_url))
+            .bearer_auth(&self.headscale_api_key)
+    }
+
+    /// `GET` on Headscale's API (e.g. `/api/v1/node`), as JSON.
+    pub async fn headscale_get(&self, path: &str) -> serde_json::Value {
+        let resp = self
+            .headscale(reqwest::Method::GET, path)
+            .send()
+            .await
+            .expect("headscale answers");
+        resp.json().await.expect("headscale JSON")
+    }
+
     /// A single-use Headscale pre-auth key for the harness user, tagged `tags`.
     pub async fn preauth_key(&self, tags: &[&str]) -> String {
         let expiration = (chrono::Utc::now() + chrono::Duration::minutes(30)).to_rfc3339();
         let body = json!({"user": self.headscale_user_id, "reusable": false, "ephemeral": false,
             "expiration": expiration, "aclTags": tags});
-        let resp: serde_json::Value = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("http client")
-            .post(format!("{}/api/v1/preauthkey", self.headscale_url))
-            .bearer_auth(&self.headscale_api_key)
+        let resp: serde_json::Value = self
+            .headscale(reqwest::Method::POST, "/api/v1/preauthkey")
             .json(&body)
             .send()
             .await
@@ -172,19 +187,10 @@ impl Harness {
 
     /// Headscale's nodes (`GET /api/v1/node`).
     pub async fn headscale_nodes(&self) -> Vec<serde_json::Value> {
-        let resp: serde_json::Value = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("http client")
-            .get(format!("{}/api/v1/node", self.headscale_url))
-            .bearer_auth(&self.headscale_api_key)
-            .send()
-            .await
-            .expect("headscale answers")
-            .json()
-            .await
-            .expect("headscale JSON");
-        resp["nodes"].as_array().cloned().unwrap_or_default()
+        self.headscale_get("/api/v1/node").await["nodes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
