@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use kube::ResourceExt;
 use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use support::operator::{Operator, operator};
 use support::podrunner::{self, PodOptions, RunningPod};
@@ -503,6 +503,3 @@ async fn serve_config_is_applied() {
     .await;
     e.ns.cleanup().await;
 }
-
-#[allow(dead_code)]
-fn _uses(_: Client) {}
