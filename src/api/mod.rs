@@ -20,6 +20,10 @@ pub const MODE_ANNOTATION: &str = "tailnode.dev/mode";
 pub const HOSTNAME_ANNOTATION: &str = "tailnode.dev/hostname";
 /// Name of the injected sidecar container.
 pub const SIDECAR_NAME: &str = "tailscale";
+/// Scheduling gate the webhook puts on every injected pod; the controller removes it once the
+/// pod's state Secret holds a key (or registered state) and its ServiceAccount may use it, so no
+/// sidecar ever starts without its credentials.
+pub const CREDENTIALS_GATE: &str = "tailnode.dev/credentials";
 /// The label a StatefulSet controller puts on each pod with its ordinal.
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Resource;
 
 use crate::api::{
-    INJECTED_ANNOTATION, NODE_LABEL, POD_INDEX_LABEL, ReplicaState, ReplicaStatus, TailscaleNode,
+    CREDENTIALS_GATE, INJECTED_ANNOTATION, NODE_LABEL, POD_INDEX_LABEL, ReplicaState, ReplicaStatus, TailscaleNode,
     serve_config_map_name, state_secret_name,
 };
 use crate::inject::render_serve_config;
@@ -44,6 +44,8 @@ pub struct Replica {
     pub service_account: String,
     /// StatefulSet name and ordinal, when the pod belongs to one.
     pub statefulset: Option<(String, u32)>,
+    /// Index of the credentials scheduling gate in the pod's gates, while it is closed.
+    pub gate: Option<usize>,
 }
 
 /// The replicas among `pods`: injected, labelled for `node`, named.
@@ -83,6 +85,11 @@ pub fn replicas(node: &TailscaleNode, pods: &[Pod]) -> Vec<Replica> {
                     .and_then(|s| s.service_account_name.clone())
                     .unwrap_or_else(|| "default".to_string()),
                 statefulset,
+                gate: p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.scheduling_gates.as_ref())
+                    .and_then(|g| g.iter().position(|g| g.name == CREDENTIALS_GATE)),
                 pod,
             })
         })

@@ -3,6 +3,7 @@
 
 pub mod credentials;
 pub mod desired;
+pub mod gate;
 pub mod leader;
 pub mod reconcile;
 pub mod status;

@@ -17,6 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::desired::{self, DEVICE_FINALIZER, MINTED_AT_ANNOTATION, NODE_FINALIZER, SecretAction};
+use super::gate;
 use super::status::{self, Findings, Problem};
 use super::{Context, Error};
 use crate::api::{NODE_LABEL, TailscaleNode, serve_config_map_name};
@@ -206,8 +207,16 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
         }
     }
 
-    // Status from the Secrets as they are now.
+    // Status from the Secrets as they are now; sidecars whose credentials are in place may start.
     let secrets = list_secrets(&ctx, &ns, &key).await?;
+    let ready = gate::to_open(&obs.replicas, &secrets, &names, &accounts);
+    let still_gated = match gate::open(&ctx.client, &ns, &ready).await {
+        Ok(waiting) => waiting,
+        Err(p) => {
+            findings.failures.push(p);
+            0
+        }
+    };
     let replicas = desired::replica_statuses(&obs.replicas, &secrets, &failed);
     let st = status::status(
         node.status.as_ref(),
@@ -227,6 +236,10 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
         return Ok(Action::requeue(ctx.backoff.next(&node)));
     }
     ctx.backoff.reset(&node);
+    if still_gated > 0 {
+        // The grant is written; the apiserver's RBAC cache catches up within moments.
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 

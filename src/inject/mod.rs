@@ -15,8 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sha2::{Digest, Sha256};
 
 use crate::api::{
-    HOSTNAME_ANNOTATION, INJECTED_ANNOTATION, MODE_ANNOTATION, Mode, NODE_LABEL, NativeSidecar, SIDECAR_NAME,
-    TailscaleNode, TailscaleNodeSpec,
+    CREDENTIALS_GATE, HOSTNAME_ANNOTATION, INJECTED_ANNOTATION, MODE_ANNOTATION, Mode, NODE_LABEL, NativeSidecar,
+    SIDECAR_NAME, TailscaleNode, TailscaleNodeSpec,
 };
 
 /// Why the engine left a pod as it was.
@@ -79,7 +79,9 @@ pub enum InjectError {
     NativeUnsupported { node: String },
 }
 
-/// Injects a Pod. The pod must name `node` with its label; see [`inject_template`].
+/// Injects a Pod. The pod must name `node` with its label; see [`inject_template`]. A pod that
+/// is not bound to a node yet also gets the [`CREDENTIALS_GATE`] scheduling gate (a pod created
+/// with `spec.nodeName` cannot carry one: its sidecar may start before its key and retries).
 pub fn inject_pod(pod: &Pod, node: &TailscaleNode, facts: &ClusterFacts) -> Result<Outcome<Pod>, InjectError> {
     let template = PodTemplateSpec {
         metadata: Some(pod.metadata.clone()),
@@ -89,7 +91,7 @@ pub fn inject_pod(pod: &Pod, node: &TailscaleNode, facts: &ClusterFacts) -> Resu
         Outcome::Injected { object, mode } => Outcome::Injected {
             object: Pod {
                 metadata: object.metadata.unwrap_or_default(),
-                spec: object.spec,
+                spec: object.spec.map(gate),
                 status: pod.status.clone(),
             },
             mode,
@@ -153,6 +155,26 @@ pub fn inject_template(
         },
         mode,
     })
+}
+
+/// Adds the credentials gate to an unbound pod's spec (once).
+fn gate(mut spec: PodSpec) -> PodSpec {
+    if spec.node_name.is_some() {
+        return spec;
+    }
+    let gates = spec.scheduling_gates.get_or_insert_with(Vec::new);
+    if gates.iter().all(|g| g.name != CREDENTIALS_GATE) {
+        gates.push(k8s_openapi::api::core::v1::PodSchedulingGate {
+            name: CREDENTIALS_GATE.to_string(),
+        });
+    }
+    spec
+}
+
+/// True when the pod carries the credentials gate.
+pub fn is_gated(spec: Option<&PodSpec>) -> bool {
+    spec.and_then(|s| s.scheduling_gates.as_ref())
+        .is_some_and(|g| g.iter().any(|g| g.name == CREDENTIALS_GATE))
 }
 
 /// True when the pod already carries tailnode's sidecar or its mark.
@@ -220,5 +242,7 @@ pub fn spec_hash(spec: &TailscaleNodeSpec, facts: &ClusterFacts, mode: Effective
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
+#[cfg(test)]
+mod gate_tests;
 #[cfg(test)]
 mod tests;

@@ -308,4 +308,3 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 pub mod operator;
-pub mod podrunner;

@@ -1,0 +1,3 @@
+module tailnode.dev/e2e/pause
+
+go 1.24

@@ -1,0 +1,107 @@
+//! The end-to-end scenarios, for every cluster: real pods on a real kubelet, the operator
+//! installed with the chart, Headscale as the control server. Runs against the local real node
+//! (`e2e/local/up`, started or reused) or, with `TAILNODE_E2E_EXTERNAL=1`, against whatever
+//! KUBECONFIG names with images and Headscale from `TAILNODE_E2E_*` (`e2e/kind/run.sh`).
+//!
+//!   cargo test --test e2e [-- FILTER...]
+//!
+//! A custom harness (`harness = false`): the chart is installed once, the scenarios run
+//! concurrently, and the release is removed at the end, before other test binaries run.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+#[path = "../support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+mod cluster;
+mod node;
+mod tailnet;
+mod workloads;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Instant;
+
+use futures::FutureExt;
+
+type Scenario = fn(cluster::Cluster) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Every scenario, by name.
+const SCENARIOS: &[(&str, Scenario)] = &[
+    ("userspace_pods_join_isolate_carry_traffic_and_restart", |c| {
+        Box::pin(tailnet::userspace_pods(c))
+    }),
+    ("deleted_pods_leave_the_tailnet_statefulset_pods_stay", |c| {
+        Box::pin(tailnet::deleted_pods(c))
+    }),
+    ("tun_mode_pod_gets_tailscale0", |c| Box::pin(node::tun_mode(c))),
+    ("serve_tcp_forward_carries_traffic", |c| Box::pin(node::serve(c))),
+    ("restricted_namespace_runs_the_sidecar_read_only", |c| {
+        Box::pin(node::restricted_namespace(c))
+    }),
+    ("job_with_native_sidecar_completes", |c| {
+        Box::pin(node::job_completes(c))
+    }),
+];
+
+fn main() {
+    // cargo passes libtest flags (e.g. --test-threads); anything not starting with '-' filters.
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let chosen: Vec<&(&str, Scenario)> = SCENARIOS
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    println!("\nrunning {} tests", chosen.len());
+    if chosen.is_empty() {
+        println!("\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let failed = rt.block_on(async {
+        tailnode::install_crypto_provider();
+        let c = cluster::Cluster::from_env();
+        let t0 = Instant::now();
+        workloads::install_operator(&c).await;
+        println!(
+            "operator installed with the chart in {:.1}s",
+            t0.elapsed().as_secs_f64()
+        );
+        let runs = chosen.iter().map(|(name, f)| {
+            let c = c.clone();
+            async move {
+                let t = Instant::now();
+                // Each scenario on a task of its own, so a panic fails that scenario only.
+                let result = tokio::spawn(f(c)).map(|r| r.map_err(|e| e.to_string())).await;
+                (*name, result, t.elapsed())
+            }
+        });
+        let results = futures::future::join_all(runs).await;
+        let mut failed = Vec::new();
+        for (name, result, took) in results {
+            match result {
+                Ok(()) => println!("test {name} ... ok ({:.1}s)", took.as_secs_f64()),
+                Err(e) => {
+                    println!("test {name} ... FAILED ({:.1}s)\n{e}", took.as_secs_f64());
+                    failed.push(name);
+                }
+            }
+        }
+        if !cluster::keep() {
+            workloads::uninstall_operator(&c).await;
+        }
+        failed
+    });
+    let passed = chosen.len() - failed.len();
+    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; 0 filtered out\n",
+        failed.len()
+    );
+    if !failed.is_empty() {
+        std::process::exit(101);
+    }
+}

@@ -1,0 +1,144 @@
+//! Scenarios that only a real node can show: TUN with a hostPath /dev/net/tun, serve over the
+//! tailnet, PodSecurity `restricted` with a read-only root, a Job completing with its sidecar.
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt;
+use serde_json::json;
+
+use crate::cluster::{Cluster, Ns, WAIT, data, ips};
+use crate::support;
+use crate::workloads::{deployment, member, member_get, node, restricted};
+
+/// TUN mode: `auto` picks TUN in a privileged namespace; the pod gets `tailscale0` with its IP.
+pub async fn tun_mode(c: Cluster) {
+    let ns = Ns::new(&c, "tun", json!({"pod-security.kubernetes.io/enforce": "privileged"})).await;
+    node(&ns, "router", json!({"mode": "auto", "tags": ["tag:k8s"]})).await;
+    deployment(&c, &ns, "router", "router", "default", "router").await;
+    let pod = ns.ready_pod("router").await;
+    assert_eq!(pod.annotations()["tailnode.dev/mode"], "tun", "auto picks TUN here");
+    let spec = pod.spec.clone().unwrap();
+    let tun = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.host_path.is_some())
+        .expect("a hostPath volume");
+    assert_eq!(tun.host_path.as_ref().unwrap().path, "/dev/net/tun");
+    let s = ns
+        .secret_where(&format!("ts-{}", pod.name_any()), |s| !ips(s).is_empty())
+        .await;
+    let ip = ips(&s)[0].clone();
+    c.exec_until(
+        &ns.name,
+        &pod.name_any(),
+        "tailscale",
+        &["ip", "-brief", "addr", "show", "tailscale0"],
+        &ip,
+    )
+    .await;
+    // The app container shares the netns: it sees tailscale0 too, and a member reaches it there.
+    let member_pod = member(&c, &ns, "laptop").await;
+    member_get(&c, &ns, &member_pod, &ip, 8080, "router").await;
+    ns.delete().await;
+}
+
+/// Serve: a TCP forward carries tailnet traffic to the app; an HTTPS endpoint is reported by
+/// containerboot as needing HTTPS (Headscale issues no certificates).
+pub async fn serve(c: Cluster) {
+    let ns = Ns::new(&c, "serve", json!({})).await;
+    node(
+        &ns,
+        "plain",
+        json!({"tags": ["tag:k8s"], "serve": [{"port": 81, "protocol": "tcp", "target": "tcp://127.0.0.1:8080"}]}),
+    )
+    .await;
+    node(
+        &ns,
+        "secure",
+        json!({"tags": ["tag:k8s"], "serve": [{"port": 443, "protocol": "https", "target": "http://127.0.0.1:8080"}]}),
+    )
+    .await;
+    let cm = support::eventually(WAIT, || async {
+        ns.api::<ConfigMap>().get_opt("tsn-plain-serve").await.ok().flatten()
+    })
+    .await
+    .expect("serve ConfigMap");
+    assert!(cm.data.unwrap()["serve.json"].contains("\"TCPForward\": \"127.0.0.1:8080\""));
+    deployment(&c, &ns, "plain", "plain", "default", "served over tcp").await;
+    deployment(&c, &ns, "secure", "secure", "default", "secure").await;
+    let pod = ns.ready_pod("plain").await;
+    let s = ns
+        .secret_where(&format!("ts-{}", pod.name_any()), |s| !ips(s).is_empty())
+        .await;
+    let member_pod = member(&c, &ns, "laptop").await;
+    member_get(&c, &ns, &member_pod, &ips(&s)[0], 81, "served over tcp").await;
+
+    let secure = ns.ready_pod("secure").await.name_any();
+    let said = support::eventually(WAIT, || async {
+        let (_, log, _) = c.kubectl(&["logs", "-n", &ns.name, &secure, "-c", "tailscale"]);
+        log.contains("ensure that HTTPS is enabled for your tailnet")
+            .then_some(())
+    })
+    .await;
+    assert!(said.is_some(), "containerboot never reported the HTTPS endpoint");
+    ns.delete().await;
+}
+
+/// A namespace that enforces PodSecurity `restricted` runs the userspace sidecar, whose root
+/// filesystem is read-only (only its /tmp emptyDir is writable).
+pub async fn restricted_namespace(c: Cluster) {
+    let ns = Ns::new(
+        &c,
+        "restricted",
+        json!({"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}),
+    )
+    .await;
+    node(&ns, "web", json!({"mode": "auto", "tags": ["tag:k8s"]})).await;
+    deployment(&c, &ns, "web", "web", "default", "restricted web").await;
+    let pod = ns.ready_pod("web").await;
+    assert_eq!(pod.annotations()["tailnode.dev/mode"], "userspace");
+    let name = pod.name_any();
+    ns.secret_where(&format!("ts-{name}"), |s| data(s, "device_id").is_some())
+        .await;
+    let (ok, _, err) = c.exec(&ns.name, &name, "tailscale", &["touch", "/probe"]);
+    assert!(!ok && err.contains("Read-only file system"), "root is writable: {err}");
+    let (ok, _, err) = c.exec(&ns.name, &name, "tailscale", &["touch", "/tmp/probe"]);
+    assert!(ok, "/tmp is not writable: {err}");
+    let (ok, id, err) = c.exec(&ns.name, &name, "tailscale", &["id", "-u"]);
+    assert!(ok && id.trim() != "0", "the sidecar runs as root: {id}{err}");
+    ns.delete().await;
+}
+
+/// A Job whose pod has the native sidecar reaches Complete when its main container exits, and
+/// its main container found the tailnet up when it started.
+pub async fn job_completes(c: Cluster) {
+    let ns = Ns::new(&c, "job", json!({})).await;
+    node(&ns, "batch", json!({"tags": ["tag:k8s"]})).await;
+    ns.create::<Job>(
+        json!({"metadata": {"name": "once"}, "spec": {"backoffLimit": 0, "template": {
+        "metadata": {"labels": {"app": "once", "tailnode.dev/node": "batch"}},
+        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 5, "containers": [{
+            "name": "app", "image": c.app_image, "securityContext": restricted(),
+            "command": ["sh", "-c", "timeout 5 wget -q -O- http://127.0.0.1:9002/healthz && echo job-done"]}]}}}}),
+    )
+    .await;
+    let done = support::eventually(WAIT, || async {
+        let j = ns.api::<Job>().get("once").await.ok()?;
+        let conds = j.status?.conditions?;
+        conds
+            .iter()
+            .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+            .map(|c| c.type_.clone())
+    })
+    .await;
+    let pod = ns.pod("once").await.name_any();
+    let (_, log, _) = c.kubectl(&["logs", "-n", &ns.name, &pod, "-c", "app"]);
+    assert_eq!(
+        done.as_deref(),
+        Some("Complete"),
+        "the Job did not complete; app log: {log}"
+    );
+    assert!(log.contains("job-done"), "{log}");
+    ns.delete().await;
+}
