@@ -1,5 +1,6 @@
 //! Time from Pod CREATE to its state Secret holding a minted key, on the real harness with the
-//! operator running and the contract fake of the Tailscale API. Bounded: N pods (default 100,
+//! operator running and the contract fake of the Tailscale API. The pods are never run (a
+//! nodeSelector no node matches keeps them Pending). Bounded: N pods (default 100,
 //! at most 300), 5 minutes. Prints median and p99.
 //!
 //! `cargo bench --bench pod_to_key -- [PODS]` (starts or reuses the local harness).
@@ -73,7 +74,10 @@ async fn main() {
     let started = Instant::now();
     for i in 0..pods {
         let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("p{i}"),
-            "labels": {"tailnode.dev/node": "web"}}, "spec": {"containers": [{"name": "app", "image": "nginx"}]}}))
+            "labels": {"tailnode.dev/node": "web"}}, "spec": {"containers": [{"name": "app", "image": "nginx"}],
+            // Measured, not run: no node matches, so the pods stay Pending (the local node's kubelet
+            // would otherwise try to start them).
+            "nodeSelector": {"tailnode.dev/bench": "unschedulable"}}}))
         .unwrap();
         let t = Instant::now();
         api.create(&PostParams::default(), &pod).await.unwrap();

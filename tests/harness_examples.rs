@@ -409,54 +409,84 @@ async fn every_e2e_kind_manifest_applies_with_a_server_side_dry_run() {
             None => manifests.push(file),
         }
     }
-    assert!(manifests.len() >= 4, "e2e/kind manifests: {manifests:?}");
+    assert!(!manifests.is_empty(), "e2e/kind manifests: {manifests:?}");
 
     let kind_config = &read_docs(&dir.join("kind-config.yaml"))[0];
     assert_eq!(str_at(kind_config, &["apiVersion"]), Some("kind.x-k8s.io/v1alpha4"));
     assert_eq!(kind_of(kind_config), "Cluster");
     assert!(kind_config["nodes"].as_sequence().is_some_and(|n| !n.is_empty()));
 
-    // The files share namespaces (workloads.yaml uses the ones nodes.yaml creates): one set.
     let all: Vec<Value> = manifests.iter().flat_map(|f| read_docs(f)).collect();
     let ns = Namespaces::create(h, &all).await;
     for file in &manifests {
         dry_run(h, &ns, &read_docs(file), &rel(file));
     }
+}
 
-    // The chart, rendered with the run's values, is accepted by the apiserver.
-    let chart = repo_root().join("charts/tailnode");
-    if !chart.join("Chart.yaml").exists() {
-        eprintln!("charts/tailnode is missing: e2e/kind/values.yaml not checked");
-        return;
-    }
-    let values = dir.join("values.yaml");
-    let (ok, rendered, stderr) = h.run(
-        "helm",
-        &[
-            "template",
-            "tailnode",
-            path_str(&chart),
-            "--namespace",
-            "tailnode-system",
-            "-f",
-            path_str(&values),
-        ],
-        None,
+/// kind runs the very scenarios the local real node runs: `e2e/kind/run.sh` only makes the
+/// cluster and calls the same test target (tests/e2e) that `e2e/local/test` runs.
+#[test]
+fn kind_and_the_local_node_run_the_same_scenario_entry_point() {
+    let run_sh = std::fs::read_to_string(repo_root().join("e2e/kind/run.sh")).unwrap();
+    let local = std::fs::read_to_string(repo_root().join("e2e/local/test")).unwrap();
+    let cargo = std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap();
+    let manifest: toml_like::Tests = toml_like::tests(&cargo);
+    assert_eq!(
+        manifest.get("e2e").map(String::as_str),
+        Some("tests/e2e/main.rs"),
+        "Cargo.toml declares the e2e scenarios target"
     );
-    assert!(ok, "helm template with e2e/kind/values.yaml failed:\n{stderr}");
-    let docs = documents(&rendered, "helm template output");
-    let text = serde_yaml::to_string(&docs).unwrap();
+    let commands = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.contains("cargo test"))
+            .map(str::to_string)
+            .collect()
+    };
+    let kind_runs = commands(&run_sh);
     assert!(
-        text.contains("tailnode:e2e"),
-        "the operator image is tailnode:e2e:\n{rendered}"
+        kind_runs.iter().any(|l| l.contains("--test e2e")),
+        "e2e/kind/run.sh must run `cargo test --test e2e`: {kind_runs:?}"
     );
-    let chart_ns = Namespaces::create(h, &docs).await;
-    dry_run(
-        h,
-        &chart_ns,
-        &docs,
-        "charts/tailnode rendered with e2e/kind/values.yaml",
+    let local_runs = commands(&local);
+    assert!(
+        local_runs
+            .iter()
+            .any(|l| l.contains("--test e2e") || l.contains("--all-targets")),
+        "e2e/local/test must run the e2e target: {local_runs:?}"
     );
+    // No scenario logic left in shell: the script never execs into pods or checks the tailnet.
+    for forbidden in ["kubectl exec", "kubectl -n e2e", "tailscale nc", "curl "] {
+        assert!(
+            !run_sh.contains(forbidden),
+            "e2e/kind/run.sh still has scenario logic: {forbidden}"
+        );
+    }
+}
+
+/// Reads `[[test]]` tables (name, path) from Cargo.toml without a TOML dependency.
+mod toml_like {
+    pub type Tests = std::collections::BTreeMap<String, String>;
+    pub fn tests(cargo: &str) -> Tests {
+        let mut out = Tests::new();
+        for table in cargo.split("[[test]]").skip(1) {
+            let body = table.split("\n[").next().unwrap_or_default();
+            let field = |k: &str| {
+                body.lines().find_map(|l| {
+                    l.trim()
+                        .strip_prefix(k)?
+                        .trim()
+                        .strip_prefix('=')
+                        .map(|v| v.trim().trim_matches('"').to_string())
+                })
+            };
+            if let (Some(n), Some(p)) = (field("name"), field("path")) {
+                out.insert(n, p);
+            }
+        }
+        out
+    }
 }
 
 #[test]
@@ -478,7 +508,12 @@ fn kind_run_sh_check_mode_prints_the_plan() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for expected in ["Plan", "kind create cluster", "helm install", "prerequisites:"] {
+    for expected in [
+        "Plan",
+        "kind create cluster",
+        "cargo test --locked --test e2e",
+        "prerequisites:",
+    ] {
         assert!(
             stdout.contains(expected),
             "--check output lacks {expected:?}:\n{stdout}"

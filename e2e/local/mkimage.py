@@ -8,7 +8,7 @@ The result is an OCI image layout in a tar that `ctr images import` (and kind's
 `load image-archive`) take; the image name is in the `io.containerd.image.name` annotation.
 
 usage: mkimage.py --name REF --out TAR [--file SRC:DST]... [--deb PKG]... [--busybox]
-                  [--user-entry NAME:UID]... [--dir PATH:MODE]... [--env K=V]...
+                  [--link PATH:TARGET]... [--user-entry NAME:UID]... [--dir PATH:MODE]... [--env K=V]...
                   [--entrypoint JSON] [--cmd JSON] [--user U] [--workdir DIR]
 """
 import argparse
@@ -180,6 +180,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--file", action="append", default=[], help="SRC:DST")
     p.add_argument("--deb", action="append", default=[])
+    p.add_argument("--link", action="append", default=[], help="PATH:TARGET (a symlink, e.g. for Debian's alternatives)")
     p.add_argument("--busybox", action="store_true")
     p.add_argument("--user-entry", action="append", default=[], help="NAME:UID (passwd and group)")
     p.add_argument("--dir", action="append", default=[], help="PATH:MODE (octal)")
@@ -207,6 +208,11 @@ def main():
             if not os.path.exists(src):
                 sys.exit(f"mkimage: {src} does not exist")
             place(root, os.path.realpath(src), dst)
+        for spec in a.link:
+            path, target = spec.split(":", 1)
+            full = os.path.join(root, path.lstrip("/"))
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            os.symlink(target, full)
         if a.busybox:
             busybox(root)
         add_libraries(root)

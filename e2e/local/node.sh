@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2154 # harness, repo, lib_here (lib.sh) and spawn (the sourcing script)
 # The local real node: a bridge, containerd + runc + the CNI bridge plugin, kube-scheduler and a
 # kubelet. Sourced by e2e/local/up and e2e/local/down after lib.sh; not executed.
 #
@@ -53,7 +54,7 @@ node_containerd_start() {
   node_render cni.conflist "$node_dir/cni/net.d/10-tailnode-e2e.conflist"
   # No registry is reachable and none may be tried: image pulls go to a dead local proxy and fail
   # at once (every image the tests use is imported from a tarball).
-  HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= \
+  HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY='' \
     spawn containerd containerd --config "$node_dir/containerd.toml"
 }
 
@@ -111,7 +112,7 @@ node_kill_leftovers() {
 node_cleanup_host() {
   local m h
   # tmpfs volumes of the kubelet, containerd's shm and rootfs mounts, netns bind mounts.
-  for m in $(awk -v r="$harness/" 'index($5, r) == 1 {print $5}' /proc/self/mountinfo | sort -r); do
+  awk -v r="$harness/" 'index($5, r) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
   done
   for h in /sys/fs/cgroup/*/; do
@@ -130,6 +131,6 @@ node_cleanup_host() {
   rmdir /var/log/containers /var/log/pods 2>/dev/null || true
   if [ -f "$node_dir/sysctl.before" ]; then
     local k v
-    while IFS== read -r k v; do sysctl -q -w "$k=$v" 2>/dev/null || true; done <"$node_dir/sysctl.before"
+    while IFS='=' read -r k v; do sysctl -q -w "$k=$v" 2>/dev/null || true; done <"$node_dir/sysctl.before"
   fi
 }

@@ -38,7 +38,11 @@ pub struct Cluster {
     pub app_image: String,
     pub sidecar_image: String,
     pub operator_image: String,
-    /// Prefixes every socket peer of an injected pod must fall in (besides loopback).
+    /// The local real node's network discipline holds (`TAILNODE_E2E_ISOLATED`, default 1):
+    /// pods have no default route and talk only to loopback and the harness bridge.
+    pub isolated: bool,
+    /// Prefixes every socket peer of an injected pod must fall in (besides loopback), when
+    /// `isolated`.
     pub allowed_peers: Vec<String>,
 }
 
@@ -72,6 +76,7 @@ impl Cluster {
             app_image: var(&vars, "TAILNODE_E2E_APP_IMAGE"),
             sidecar_image: var(&vars, "TAILNODE_E2E_SIDECAR_IMAGE"),
             operator_image: var(&vars, "TAILNODE_E2E_OPERATOR_IMAGE"),
+            isolated: std::env::var("TAILNODE_E2E_ISOLATED").map_or(true, |v| v != "0"),
             allowed_peers: std::env::var("TAILNODE_E2E_ALLOWED_PEERS")
                 .unwrap_or_else(|_| "198.18.0.".into())
                 .split(',')

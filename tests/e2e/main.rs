@@ -10,7 +10,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 #[path = "../support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 mod cluster;
