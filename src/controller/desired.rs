@@ -48,7 +48,17 @@ pub struct Replica {
     pub gate: Option<usize>,
 }
 
-/// The replicas among `pods`: injected, labelled for `node`, named.
+/// True when a pod has finished for good (`Succeeded` or `Failed`: a Job's pod, an evicted pod).
+pub fn finished(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// The replicas among `pods`: injected, labelled for `node`, named. A finished pod that no
+/// StatefulSet will replace under the same name is no replica any more: its device leaves the
+/// tailnet without waiting for the pod object to be deleted.
 pub fn replicas(node: &TailscaleNode, pods: &[Pod]) -> Vec<Replica> {
     let name = node.metadata.name.as_deref().unwrap_or_default();
     let mut out: Vec<Replica> = pods
@@ -76,6 +86,9 @@ pub fn replicas(node: &TailscaleNode, pods: &[Pod]) -> Vec<Replica> {
                 .flatten()
                 .find(|o| o.kind == "StatefulSet" && o.controller == Some(true))
                 .and_then(|o| Some((o.name.clone(), ordinal(p, &o.name, &pod)?)));
+            if statefulset.is_none() && finished(p) {
+                return None;
+            }
             Some(Replica {
                 secret: state_secret_name(&pod),
                 pod_uid: p.metadata.uid.clone().unwrap_or_default(),

@@ -237,3 +237,47 @@ fn replica_status_reads_device_keys() {
     assert_eq!(st[1].state, ReplicaState::KeyIssued);
     assert_eq!(st[2].state, ReplicaState::Failed);
 }
+
+#[test]
+fn finished_pods_are_no_replicas_unless_a_statefulset_restarts_them() {
+    let n = node(json!({}));
+    let phase = |mut p: Pod, phase: &str| {
+        p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: Some(phase.into()),
+            ..Default::default()
+        });
+        p
+    };
+    let pods = vec![
+        phase(pod("job-a", None, true), "Succeeded"),
+        phase(pod("evicted", None, true), "Failed"),
+        phase(pod("web-0", Some("web"), true), "Failed"),
+        phase(pod("running", None, true), "Running"),
+    ];
+    let names: Vec<String> = replicas(&n, &pods).into_iter().map(|r| r.pod).collect();
+    assert_eq!(names, vec!["running".to_string(), "web-0".to_string()]);
+    // The finished pods' Secrets are retired (device first), the others kept.
+    let secrets = vec![
+        secret("ts-job-a", &[("device_id", "d1")], json!({"tailnode.dev/pod": "job-a"})),
+        secret(
+            "ts-running",
+            &[("device_id", "d2")],
+            json!({"tailnode.dev/pod": "running"}),
+        ),
+    ];
+    let (_, actions) = plan(
+        &replicas(&n, &pods),
+        &secrets,
+        &BTreeMap::new(),
+        ttl(),
+        Utc::now(),
+        false,
+    );
+    assert_eq!(
+        actions,
+        vec![SecretAction::Retire {
+            secret: "ts-job-a".into(),
+            device_id: Some("d1".into())
+        }]
+    );
+}

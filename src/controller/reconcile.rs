@@ -436,7 +436,8 @@ async fn pods_synced(ctx: &Context) -> bool {
         .is_ok_and(|r| r.is_ok())
 }
 
-/// True when the pod a state Secret belongs to still exists (and is not being deleted).
+/// True when the pod a state Secret belongs to still runs: it exists, is not being deleted, and
+/// (unless a StatefulSet will restart it under the same name) has not finished.
 async fn pod_still_exists(ctx: &Context, ns: &str, secrets: &[Secret], secret: &str) -> Result<bool, Error> {
     let Some(s) = secrets.iter().find(|s| s.metadata.name.as_deref() == Some(secret)) else {
         return Ok(false);
@@ -449,7 +450,8 @@ async fn pod_still_exists(ctx: &Context, ns: &str, secrets: &[Secret], secret: &
     };
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let found = api.get_opt(pod).await.map_err(Error::Kube)?;
-    Ok(found.is_some_and(|p| p.metadata.deletion_timestamp.is_none()))
+    let statefulset = s.annotations().contains_key(desired::STATEFULSET_ANNOTATION);
+    Ok(found.is_some_and(|p| p.metadata.deletion_timestamp.is_none() && (statefulset || !desired::finished(&p))))
 }
 
 async fn namespace_terminating(ctx: &Context, ns: &str) -> bool {
