@@ -16,6 +16,8 @@ use tracing::{error, info};
 use crate::api::{Credentials, HeadscaleCredentials, OAuthCredentials, TailscaleNode};
 use crate::args::{Args, Command, CredentialKind, InjectArgs, RunArgs};
 use crate::controller::credentials::{CredentialCache, DefaultCredentials};
+use crate::controller::election::Timings;
+use crate::controller::fence::Fence;
 use crate::controller::leader::{LeaseConfig, run_as_leader};
 use crate::inject::ClusterFacts;
 use crate::metrics::Metrics;
@@ -145,6 +147,12 @@ fn default_credentials(a: &RunArgs) -> Option<DefaultCredentials> {
 /// Runs the webhook, controller and admin server until `shutdown` fires.
 pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::install_crypto_provider();
+    let timings = Timings::new(
+        a.leader_elect_lease_duration,
+        a.leader_elect_renew_deadline,
+        a.leader_elect_retry_period,
+    )
+    .context("checking --leader-elect-lease-duration, --leader-elect-renew-deadline and --leader-elect-retry-period")?;
     let metrics = Arc::new(Metrics::default());
     let readiness = admin::Readiness::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -230,21 +238,22 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
             namespace: a.namespace.clone(),
             name: a.lease_name.clone(),
             identity: a.identity.clone(),
-            duration: Duration::from_secs(15),
-            renew_every: Duration::from_secs(5),
+            timings,
         };
         let elect = a.leader_elect;
+        // Checked before writes that must not come from two replicas; without election, always current.
+        let fence = if elect { Fence::lease(timings) } else { Fence::always() };
         tasks.spawn(async move {
             // Followers are ready too: they serve the webhook and wait for the lease.
             ready.set(true);
             if elect {
-                let c = client.clone();
-                run_as_leader(c, lease, stop.clone(), |lost| async move {
-                    crate::controller::run(client, metrics, cache, config, lost).await;
+                let (c, f) = (client.clone(), fence.clone());
+                run_as_leader(c, lease, f, stop.clone(), |lost| async move {
+                    crate::controller::run(client, metrics, cache, config, fence, lost).await;
                 })
                 .await;
             } else {
-                crate::controller::run(client, metrics, cache, config, stop.clone()).await;
+                crate::controller::run(client, metrics, cache, config, fence, stop.clone()).await;
             }
             if !stop.is_cancelled() {
                 // Leadership lost: stop so that the Deployment restarts us as a follower.

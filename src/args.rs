@@ -1,6 +1,7 @@
 //! The command line: one typed clap structure.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -80,6 +81,18 @@ pub struct RunArgs {
     /// Name of the leader-election Lease.
     #[arg(long, env = "TAILNODE_LEASE", default_value = "tailnode-controller")]
     pub lease_name: String,
+    /// How long followers wait, on their own clock, after the Lease last changed before they take
+    /// it over (`15s`, `1500ms`, `1m`).
+    #[arg(long, env = "TAILNODE_LEADER_ELECT_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub leader_elect_lease_duration: Duration,
+    /// The leader stops its controller when it has not renewed the Lease for this long; shorter
+    /// than --leader-elect-lease-duration.
+    #[arg(long, env = "TAILNODE_LEADER_ELECT_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    pub leader_elect_renew_deadline: Duration,
+    /// Time between attempts to take or renew the Lease, and the timeout of each Lease request;
+    /// shorter than --leader-elect-renew-deadline.
+    #[arg(long, env = "TAILNODE_LEADER_ELECT_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    pub leader_elect_retry_period: Duration,
     /// Lifetime of a minted, unused auth key, in seconds.
     #[arg(long, env = "TAILNODE_KEY_TTL_SECONDS", default_value_t = 600)]
     pub key_ttl_seconds: u64,
@@ -120,6 +133,27 @@ impl RunArgs {
         }
         defaults
     }
+}
+
+/// Parses a duration: a whole number with a unit, `ms`, `s`, `m` or `h` (e.g. `15s`, `500ms`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 15s or 500ms"))?;
+    let per_unit = match unit {
+        "ms" => Duration::from_millis(1),
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(format!("{text:?}: the unit must be ms, s, m or h")),
+    };
+    u32::try_from(n)
+        .ok()
+        .and_then(|n| per_unit.checked_mul(n))
+        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 /// Kinds of default credentials.
@@ -244,5 +278,25 @@ mod tests {
         );
         assert_eq!(run_args(&[]).operator_defaults().control_url, None);
         assert!(run_args(&[]).operator_defaults().no_logs_no_support);
+    }
+
+    #[test]
+    fn leader_election_timings() {
+        let a = run_args(&[]);
+        assert_eq!(a.leader_elect_lease_duration, Duration::from_secs(15));
+        assert_eq!(a.leader_elect_renew_deadline, Duration::from_secs(10));
+        assert_eq!(a.leader_elect_retry_period, Duration::from_secs(2));
+        let a = run_args(&[
+            "--leader-elect-lease-duration=1m",
+            "--leader-elect-renew-deadline=45s",
+            "--leader-elect-retry-period=500ms",
+        ]);
+        assert_eq!(a.leader_elect_lease_duration, Duration::from_secs(60));
+        assert_eq!(a.leader_elect_renew_deadline, Duration::from_secs(45));
+        assert_eq!(a.leader_elect_retry_period, Duration::from_millis(500));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "15", "s", "-1s", "1.5s", "15 s", "10d", "99999999999s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -1,16 +1,20 @@
 //! Leader election with a coordination.k8s.io Lease: only the holder runs the controller; every
-//! replica serves the webhook.
+//! replica serves the webhook. The rules are in `election` (pure); this is the I/O around them.
 
 use std::future::Future;
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::{Api, Client};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use super::election::{Observer, Timings, desired_spec};
+use super::fence::Fence;
 
 /// Lease settings.
 #[derive(Debug, Clone)]
@@ -21,154 +25,205 @@ pub struct LeaseConfig {
     pub name: String,
     /// This replica's identity (pod name).
     pub identity: String,
-    /// How long a lease is valid without renewal.
-    pub duration: Duration,
-    /// How often the holder renews, and how often others retry.
-    pub renew_every: Duration,
+    /// Lease duration, renew deadline and retry period.
+    pub timings: Timings,
 }
 
-/// PURE: may `me` take or keep the lease at `now`?
-pub fn may_hold(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> bool {
-    let Some(spec) = spec else { return true };
-    let holder = spec.holder_identity.as_deref().unwrap_or_default();
-    if holder.is_empty() || holder == me {
-        return true;
-    }
-    let secs = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-    match spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) {
-        None => true,
-        Some(MicroTime(t)) => t.as_second().saturating_add(secs) < now.as_second(),
+/// A failed Lease request; the attempt is retried after the retry period.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// The request did not answer within its timeout.
+    #[error("lease {step}: no answer within {limit:?}")]
+    Timeout {
+        /// `get`, `create` or `replace`.
+        step: &'static str,
+        /// The timeout.
+        limit: Duration,
+    },
+    /// The apiserver answered with an error.
+    #[error("lease {step}: {source}")]
+    Kube {
+        /// `get`, `create` or `replace`.
+        step: &'static str,
+        /// The error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl LeaseError {
+    /// Someone else wrote the Lease between our read and our write (409).
+    fn is_conflict(&self) -> bool {
+        matches!(self, LeaseError::Kube { source: kube::Error::Api(e), .. } if e.code == 409)
     }
 }
 
-fn desired(cfg: &LeaseConfig, previous: Option<&LeaseSpec>, now: Timestamp) -> LeaseSpec {
-    let same_holder = previous.and_then(|p| p.holder_identity.as_deref()) == Some(cfg.identity.as_str());
-    let transitions = previous.and_then(|p| p.lease_transitions).unwrap_or(0);
-    LeaseSpec {
-        holder_identity: Some(cfg.identity.clone()),
-        lease_duration_seconds: Some(i32::try_from(cfg.duration.as_secs()).unwrap_or(15)),
-        acquire_time: if same_holder {
-            previous.and_then(|p| p.acquire_time.clone())
-        } else {
-            Some(MicroTime(now))
-        },
-        renew_time: Some(MicroTime(now)),
-        lease_transitions: Some(if same_holder { transitions } else { transitions + 1 }),
-        ..Default::default()
+/// Runs one Lease request with its own timeout.
+pub async fn bounded<T>(
+    step: &'static str,
+    limit: Duration,
+    request: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, LeaseError> {
+    match tokio::time::timeout(limit, request).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(LeaseError::Kube { step, source }),
+        Err(_) => Err(LeaseError::Timeout { step, limit }),
     }
 }
 
 /// One attempt to take or renew the lease; `Ok(true)` when we hold it afterwards.
-async fn try_hold(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
-    let now = Timestamp::now();
-    match api.get_opt(&cfg.name).await? {
-        None => {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(cfg.name.clone()),
-                    namespace: Some(cfg.namespace.clone()),
-                    ..Default::default()
-                },
-                spec: Some(desired(cfg, None, now)),
-            };
-            match api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-                Err(e) => Err(e),
+pub trait Holder: Send {
+    /// Reads the Lease and writes ourselves into it when the rules allow.
+    fn try_hold(&mut self) -> impl Future<Output = Result<bool, LeaseError>> + Send;
+}
+
+/// The real holder: an `Api<Lease>` and what this replica has seen of the Lease.
+struct LeaseHolder {
+    api: Api<Lease>,
+    cfg: LeaseConfig,
+    observer: Observer,
+}
+
+impl Holder for LeaseHolder {
+    async fn try_hold(&mut self) -> Result<bool, LeaseError> {
+        let (cfg, limit) = (&self.cfg, self.cfg.timings.retry_period());
+        let current = bounded("get", limit, self.api.get_opt(&cfg.name)).await?;
+        let seen_at = Instant::now();
+        self.observer
+            .observe(current.as_ref().and_then(|l| l.spec.as_ref()), &cfg.timings, seen_at);
+        let written = match current {
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(cfg.name.clone()),
+                        namespace: Some(cfg.namespace.clone()),
+                        ..Default::default()
+                    },
+                    spec: Some(desired_spec(&cfg.identity, &cfg.timings, None, Timestamp::now())),
+                };
+                bounded("create", limit, self.api.create(&PostParams::default(), &lease)).await
             }
-        }
-        Some(mut lease) => {
-            if !may_hold(lease.spec.as_ref(), &cfg.identity, now) {
-                return Ok(false);
+            Some(mut lease) => {
+                if !self.observer.may_acquire(&cfg.identity, seen_at) {
+                    return Ok(false);
+                }
+                let spec = desired_spec(&cfg.identity, &cfg.timings, lease.spec.as_ref(), Timestamp::now());
+                lease.spec = Some(spec);
+                // resourceVersion makes this a compare-and-swap: a racing replica gets 409.
+                bounded(
+                    "replace",
+                    limit,
+                    self.api.replace(&cfg.name, &PostParams::default(), &lease),
+                )
+                .await
             }
-            lease.spec = Some(desired(cfg, lease.spec.as_ref(), now));
-            // resourceVersion makes this a compare-and-swap: a racing replica gets 409.
-            match api.replace(&cfg.name, &PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-                Err(e) => Err(e),
+        };
+        match written {
+            Ok(lease) => {
+                self.observer.observe(lease.spec.as_ref(), &cfg.timings, Instant::now());
+                Ok(true)
             }
+            Err(e) if e.is_conflict() => Ok(false),
+            Err(e) => Err(e),
         }
     }
 }
 
 /// Waits to become leader, then runs `work` with a token that fires when leadership is lost or
-/// `shutdown` fires. Returns when `work` returns.
-pub async fn run_as_leader<F, Fut>(client: Client, cfg: LeaseConfig, shutdown: CancellationToken, work: F)
+/// `shutdown` fires. `fence` is current exactly while this replica may act as the leader.
+/// Returns when `work` returns.
+pub async fn run_as_leader<F, Fut>(client: Client, cfg: LeaseConfig, fence: Fence, shutdown: CancellationToken, work: F)
 where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
-    loop {
+    let timings = cfg.timings;
+    let (name, identity) = (cfg.name.clone(), cfg.identity.clone());
+    let holder = LeaseHolder {
+        api: Api::namespaced(client, &cfg.namespace),
+        cfg,
+        observer: Observer::default(),
+    };
+    lead(holder, timings, fence, shutdown, |lost| async move {
+        info!(lease = %name, identity = %identity, "became leader");
+        work(lost).await;
+    })
+    .await;
+}
+
+/// `run_as_leader` over any [`Holder`].
+pub async fn lead<H, F, Fut>(mut holder: H, timings: Timings, fence: Fence, shutdown: CancellationToken, work: F)
+where
+    H: Holder + 'static,
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let acquired = loop {
         if shutdown.is_cancelled() {
             return;
         }
-        match try_hold(&api, &cfg).await {
-            Ok(true) => break,
+        let started = Instant::now();
+        match holder.try_hold().await {
+            Ok(true) => break started,
             Ok(false) => {}
             Err(e) => warn!(error = %e, "lease acquisition failed"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(cfg.renew_every) => {}
+            _ = tokio::time::sleep(timings.retry_period()) => {}
         }
-    }
-    info!(lease = %cfg.name, identity = %cfg.identity, "became leader");
-    let lost = shutdown.child_token();
-    let renew = {
-        let (api, cfg, lost) = (api.clone(), cfg.clone(), lost.clone());
-        tokio::spawn(async move {
-            let mut last_ok = tokio::time::Instant::now();
-            loop {
-                tokio::select! {
-                    _ = lost.cancelled() => return,
-                    _ = tokio::time::sleep(cfg.renew_every) => {}
-                }
-                match try_hold(&api, &cfg).await {
-                    Ok(true) => last_ok = tokio::time::Instant::now(),
-                    Ok(false) => {
-                        warn!("lease taken by another replica");
-                        lost.cancel();
-                        return;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "lease renewal failed");
-                        if last_ok.elapsed() > cfg.duration {
-                            lost.cancel();
-                            return;
-                        }
-                    }
-                }
-            }
-        })
     };
+    fence.renewed(acquired);
+    let lost = shutdown.child_token();
+    let renew = tokio::spawn(keep_renewing(holder, timings, fence.clone(), acquired, lost.clone()));
     work(lost.clone()).await;
     lost.cancel();
+    fence.revoke();
     renew.abort();
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(holder: &str, renewed: Timestamp) -> LeaseSpec {
-        LeaseSpec {
-            holder_identity: Some(holder.into()),
-            lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(renewed)),
-            ..Default::default()
+/// Renews every retry period; steps down (revokes the fence, cancels `lost`) when the lease is
+/// taken, or on a timer when the last successful renewal is older than the renew deadline, even
+/// while a request hangs.
+async fn keep_renewing<H: Holder>(
+    mut holder: H,
+    timings: Timings,
+    fence: Fence,
+    mut last_renewal: Instant,
+    lost: CancellationToken,
+) {
+    loop {
+        let deadline = timings.step_down_at(last_renewal);
+        let attempt = async {
+            tokio::time::sleep(timings.retry_period()).await;
+            let started = Instant::now();
+            (started, holder.try_hold().await)
+        };
+        tokio::select! {
+            // The deadline wins a tie: a resumed (frozen) process steps down before renewing.
+            biased;
+            _ = lost.cancelled() => break,
+            _ = tokio::time::sleep_until(deadline) => {
+                warn!(renew_deadline = ?timings.renew_deadline(), "lease not renewed in time; stepping down");
+                break;
+            }
+            (started, result) = attempt => match result {
+                Ok(true) => {
+                    last_renewal = started;
+                    fence.renewed(started);
+                }
+                Ok(false) => {
+                    warn!("lease taken by another replica");
+                    break;
+                }
+                Err(e) => warn!(error = %e, "lease renewal failed"),
+            }
         }
     }
-
-    #[test]
-    fn lease_rules() {
-        let now = Timestamp::now();
-        assert!(may_hold(None, "a", now));
-        assert!(may_hold(Some(&spec("a", now)), "a", now));
-        assert!(!may_hold(Some(&spec("b", now)), "a", now));
-        let stale = now - k8s_openapi::jiff::SignedDuration::from_secs(16);
-        assert!(may_hold(Some(&spec("b", stale)), "a", now));
-        assert!(may_hold(Some(&spec("", now)), "a", now));
-    }
+    fence.revoke();
+    lost.cancel();
 }
+
+#[cfg(test)]
+#[path = "leader_tests.rs"]
+mod tests;

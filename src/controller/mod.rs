@@ -3,6 +3,8 @@
 
 pub mod credentials;
 pub mod desired;
+pub mod election;
+pub mod fence;
 pub mod gate;
 pub mod leader;
 pub mod reconcile;
@@ -111,6 +113,8 @@ pub struct Context {
     pub config: Config,
     /// Per-object backoff.
     pub backoff: Backoff,
+    /// Checked right before writes that must come from the leader only.
+    pub fence: fence::Fence,
 }
 
 fn error_policy(node: Arc<TailscaleNode>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -128,6 +132,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     credentials: CredentialCache,
     config: Config,
+    fence: fence::Fence,
     shutdown: CancellationToken,
 ) {
     let nodes: Api<TailscaleNode> = Api::all(client.clone());
@@ -144,6 +149,7 @@ pub async fn run(
         credentials,
         config,
         backoff: Backoff::default(),
+        fence,
     });
     let to_node = |obj: &dyn Fn() -> (Option<String>, Option<String>)| {
         let (label, ns) = obj();

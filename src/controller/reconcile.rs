@@ -265,6 +265,7 @@ async fn mint(
         api: api.kind(),
         outcome,
     };
+    ctx.fence.check()?;
     match api.mint(&req).await {
         Ok(minted) => {
             ctx.metrics.key_mints.get_or_create(&labels("ok")).inc();
@@ -320,6 +321,7 @@ async fn retire(
             api: api.kind(),
             outcome,
         };
+        ctx.fence.check()?;
         match api.delete_device(id).await {
             Ok(deleted) => {
                 ctx.metrics.device_deletions.get_or_create(&labels("ok")).inc();
@@ -342,6 +344,7 @@ async fn retire(
             }
         }
     }
+    ctx.fence.check()?;
     release_secret(secrets, secret).await
 }
 
