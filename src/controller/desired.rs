@@ -245,6 +245,19 @@ fn meta(node: &TailscaleNode, name: String) -> ObjectMeta {
     }
 }
 
+/// True when `secret` is tailnode's state Secret of `pod` for `node`: labelled for the node and
+/// annotated with the pod. Anything else of that name is someone else's and is never adopted.
+pub fn owned_by(secret: &Secret, node: &TailscaleNode, pod: &str) -> bool {
+    let labelled = secret.metadata.labels.as_ref().and_then(|l| l.get(NODE_LABEL)) == node.metadata.name.as_ref();
+    let for_pod = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(POD_ANNOTATION))
+        .is_some_and(|p| p == pod);
+    labelled && for_pod
+}
+
 /// A Secret's string value.
 pub fn secret_value(secret: &Secret, key: &str) -> Option<String> {
     secret

@@ -281,3 +281,17 @@ fn finished_pods_are_no_replicas_unless_a_statefulset_restarts_them() {
         }]
     );
 }
+
+#[test]
+fn only_labelled_secrets_annotated_for_the_pod_are_owned() {
+    let n = node(json!({}));
+    let mut ours = secret("ts-a", &[], json!({"tailnode.dev/pod": "a"}));
+    ours.metadata.labels = Some([("tailnode.dev/node".to_string(), "web".to_string())].into());
+    assert!(owned_by(&ours, &n, "a"));
+    assert!(!owned_by(&ours, &n, "b"), "annotated for another pod");
+    let mut other_node = ours.clone();
+    other_node.metadata.labels = Some([("tailnode.dev/node".to_string(), "api".to_string())].into());
+    assert!(!owned_by(&other_node, &n, "a"));
+    let foreign = secret("ts-a", &[("password", "x")], json!({}));
+    assert!(!owned_by(&foreign, &n, "a"));
+}

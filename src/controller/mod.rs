@@ -8,6 +8,7 @@ pub mod fence;
 pub mod gate;
 pub mod leader;
 pub mod reconcile;
+mod secrets;
 pub mod status;
 
 use std::collections::HashMap;

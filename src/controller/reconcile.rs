@@ -8,21 +8,20 @@ use chrono::Utc;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::desired::{self, DEVICE_FINALIZER, MINTED_AT_ANNOTATION, NODE_FINALIZER, SecretAction};
+use super::desired::{self, NODE_FINALIZER, SecretAction};
 use super::gate;
-use super::status::{self, Findings, Problem};
+use super::secrets::{self, abandon_device, mint, retire};
+use super::status::{self, Findings};
 use super::{Context, Error};
 use crate::api::{NODE_LABEL, TailscaleNode, serve_config_map_name};
-use crate::metrics::ApiLabels;
-use crate::tsapi::{KeyApi, MintRequest};
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "tailnode";
@@ -107,17 +106,9 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
     let (to_create, actions) = desired::plan(&obs.replicas, &obs.secrets, &obs.statefulsets, ttl, Utc::now(), false);
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
 
-    // Secrets first (empty), then the Role naming them, so the sidecar can read its Secret.
-    for r in &to_create {
-        match secrets_api
-            .create(&PostParams::default(), &desired::state_secret(&node, r))
-            .await
-        {
-            Ok(_) => info!(secret = %r.secret, "created state secret"),
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(Error::Kube(e)),
-        }
-    }
+    // Secrets first (empty), then the Role naming them, so the sidecar can read its Secret. A
+    // Secret of that name that is not tailnode's is never used nor granted.
+    let foreign = secrets::create_state_secrets(&node, &to_create, &secrets_api).await?;
     let retiring: BTreeSet<&str> = actions
         .iter()
         .filter_map(|a| match a {
@@ -125,7 +116,12 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
             _ => None,
         })
         .collect();
-    let mut names: BTreeSet<String> = obs.replicas.iter().map(|r| r.secret.clone()).collect();
+    let mut names: BTreeSet<String> = obs
+        .replicas
+        .iter()
+        .map(|r| r.secret.clone())
+        .filter(|n| !foreign.contains(n))
+        .collect();
     names.extend(
         obs.secrets
             .iter()
@@ -156,6 +152,12 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
 
     let mut findings = Findings::default();
     let mut failed = BTreeSet::new();
+    for secret in &foreign {
+        failed.insert(secret.clone());
+        findings
+            .failures
+            .push(secrets::refuse_foreign(&ctx, &node, secret).await);
+    }
     let api = match ctx
         .credentials
         .for_node(&ctx.client, &node, ctx.config.default_credentials.as_ref())
@@ -243,143 +245,6 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
-fn describe(node: &TailscaleNode, pod: &str) -> String {
-    format!("tailnode {} {}", node.name_any(), pod)
-}
-
-async fn mint(
-    ctx: &Context,
-    node: &TailscaleNode,
-    api: &dyn KeyApi,
-    secrets: &Api<Secret>,
-    secret: &str,
-    pod: &str,
-) -> Result<(), Problem> {
-    let req = MintRequest {
-        description: describe(node, pod),
-        tags: node.spec.tags.clone(),
-        ephemeral: node.spec.ephemeral,
-        expiry: ctx.config.key_ttl,
-    };
-    let labels = |outcome| ApiLabels {
-        api: api.kind(),
-        outcome,
-    };
-    ctx.fence.check()?;
-    match api.mint(&req).await {
-        Ok(minted) => {
-            ctx.metrics.key_mints.get_or_create(&labels("ok")).inc();
-            let patch = json!({
-                "metadata": {"annotations": {MINTED_AT_ANNOTATION: Utc::now().to_rfc3339()}},
-                "stringData": {"authkey": minted.key},
-            });
-            secrets
-                .patch(secret, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map_err(|e| Problem {
-                    reason: "SecretWriteFailed",
-                    message: format!("writing the key into Secret {secret}: {e}"),
-                })?;
-            info!(secret, api = api.kind(), "minted auth key");
-            let note = format!("minted a single-use auth key for pod {pod} into Secret {secret}");
-            publish(ctx, node, EventType::Normal, "KeyMinted", "Mint", &note).await;
-            Ok(())
-        }
-        Err(e) => {
-            ctx.metrics.key_mints.get_or_create(&labels(e.reason())).inc();
-            warn!(secret, api = api.kind(), reason = e.reason(), "minting auth key failed");
-            let reason = match e.reason() {
-                "unauthorized" => "ApiUnauthorized",
-                "bad_request" => "ApiRejected",
-                "rate_limited" => "ApiRateLimited",
-                _ => "ApiUnavailable",
-            };
-            let message = format!("minting a key for pod {pod}: {e}");
-            publish(ctx, node, EventType::Warning, "MintFailed", "Mint", &message).await;
-            Err(Problem { reason, message })
-        }
-    }
-}
-
-/// Deletes the replica's device (if it has one and the API can), then its Secret.
-async fn retire(
-    ctx: &Context,
-    node: &TailscaleNode,
-    api: Option<&dyn KeyApi>,
-    secrets: &Api<Secret>,
-    secret: &str,
-    device_id: Option<&str>,
-) -> Result<(), Problem> {
-    if let Some(id) = device_id {
-        let Some(api) = api else {
-            return Err(Problem {
-                reason: "CleanupBlocked",
-                message: format!("cannot delete device of Secret {secret}: credentials unusable"),
-            });
-        };
-        let labels = |outcome| ApiLabels {
-            api: api.kind(),
-            outcome,
-        };
-        ctx.fence.check()?;
-        match api.delete_device(id).await {
-            Ok(deleted) => {
-                ctx.metrics.device_deletions.get_or_create(&labels("ok")).inc();
-                info!(secret, api = api.kind(), "deleted device");
-                let note = if deleted {
-                    format!("deleted the device of Secret {secret}")
-                } else {
-                    format!("static auth key: the device of Secret {secret} must be removed by hand")
-                };
-                publish(ctx, node, EventType::Normal, "DeviceDeleted", "Cleanup", &note).await;
-            }
-            Err(e) => {
-                ctx.metrics.device_deletions.get_or_create(&labels(e.reason())).inc();
-                let message = format!("deleting the device of Secret {secret}: {e}");
-                publish(ctx, node, EventType::Warning, "CleanupFailed", "Cleanup", &message).await;
-                return Err(Problem {
-                    reason: "CleanupFailed",
-                    message,
-                });
-            }
-        }
-    }
-    ctx.fence.check()?;
-    release_secret(secrets, secret).await
-}
-
-/// Removes the device finalizer from a state Secret and deletes it.
-async fn release_secret(secrets: &Api<Secret>, secret: &str) -> Result<(), Problem> {
-    let write_err = |e: kube::Error| Problem {
-        reason: "SecretWriteFailed",
-        message: format!("removing Secret {secret}: {e}"),
-    };
-    let current = secrets.get_opt(secret).await.map_err(write_err)?;
-    if let Some(s) = current {
-        let rest: Vec<String> = s
-            .finalizers()
-            .iter()
-            .filter(|f| f.as_str() != DEVICE_FINALIZER)
-            .cloned()
-            .collect();
-        if rest.len() != s.finalizers().len() {
-            let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": s.resource_version()}});
-            secrets
-                .patch(secret, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map_err(write_err)?;
-        }
-        if s.metadata.deletion_timestamp.is_none() {
-            match secrets.delete(secret, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(write_err(e)),
-            }
-        }
-    }
-    Ok(())
-}
-
 async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = node.namespace().unwrap_or_default();
     let key = node.name_any();
@@ -457,19 +322,9 @@ async fn pod_still_exists(ctx: &Context, ns: &str, secrets: &[Secret], secret: &
     Ok(found.is_some_and(|p| p.metadata.deletion_timestamp.is_none() && (statefulset || !desired::finished(&p))))
 }
 
-async fn namespace_terminating(ctx: &Context, ns: &str) -> bool {
+pub(super) async fn namespace_terminating(ctx: &Context, ns: &str) -> bool {
     let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
     matches!(api.get_opt(ns).await, Ok(Some(n)) if n.metadata.deletion_timestamp.is_some())
-}
-
-/// Releases a state Secret whose device cannot be deleted (no usable credentials while the
-/// namespace is being deleted). The device stays in the tailnet until removed by hand.
-async fn abandon_device(secrets: &Api<Secret>, secret: &str) -> Result<(), Problem> {
-    warn!(
-        secret,
-        "namespace is terminating and credentials are unusable; leaving the device in the tailnet"
-    );
-    release_secret(secrets, secret).await
 }
 
 async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), Error>
@@ -484,7 +339,14 @@ where
 }
 
 /// Publishes an Event about the node; failures to publish are logged, never fatal.
-async fn publish(ctx: &Context, node: &TailscaleNode, type_: EventType, reason: &str, action: &str, note: &str) {
+pub(super) async fn publish(
+    ctx: &Context,
+    node: &TailscaleNode,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
     let ev = Event {
         type_,
         reason: reason.into(),

@@ -1,0 +1,217 @@
+//! Writes to state Secrets: create them (refusing Secrets tailnode does not own), mint a key into
+//! one, retire one (device first), release one. Each returns a `Problem` the status shows.
+
+use std::collections::BTreeSet;
+
+use chrono::Utc;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::desired::{self, DEVICE_FINALIZER, MINTED_AT_ANNOTATION, Replica};
+use super::reconcile::publish;
+use super::status::Problem;
+use super::{Context, Error};
+use crate::api::TailscaleNode;
+use crate::metrics::ApiLabels;
+use crate::tsapi::{KeyApi, MintRequest};
+
+/// Creates the missing state Secrets. Returns the names that already exist but are not
+/// tailnode's for this node and pod (a 409 on a Secret someone else made): those are never used.
+pub(super) async fn create_state_secrets(
+    node: &TailscaleNode,
+    to_create: &[Replica],
+    secrets: &Api<Secret>,
+) -> Result<BTreeSet<String>, Error> {
+    let mut foreign = BTreeSet::new();
+    for r in to_create {
+        match secrets
+            .create(&PostParams::default(), &desired::state_secret(node, r))
+            .await
+        {
+            Ok(_) => info!(secret = %r.secret, "created state secret"),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let existing = secrets.get_opt(&r.secret).await.map_err(Error::Kube)?;
+                if !existing.as_ref().is_some_and(|s| desired::owned_by(s, node, &r.pod)) {
+                    foreign.insert(r.secret.clone());
+                }
+            }
+            Err(e) => return Err(Error::Kube(e)),
+        }
+    }
+    Ok(foreign)
+}
+
+/// The Problem (and Event) for a replica whose Secret name is taken by a Secret not tailnode's.
+pub(super) async fn refuse_foreign(ctx: &Context, node: &TailscaleNode, secret: &str) -> Problem {
+    let message = format!(
+        "Secret {secret} already exists and is not tailnode's state Secret for this replica (it lacks the label {}={} and annotation {}); tailnode will not use or grant it: delete or rename it",
+        crate::api::NODE_LABEL,
+        node.name_any(),
+        desired::POD_ANNOTATION,
+    );
+    warn!(secret, "state secret name taken by a foreign secret");
+    publish(
+        ctx,
+        node,
+        EventType::Warning,
+        "SecretConflict",
+        "CreateSecret",
+        &message,
+    )
+    .await;
+    Problem {
+        reason: "SecretConflict",
+        message,
+    }
+}
+
+fn describe(node: &TailscaleNode, pod: &str) -> String {
+    format!("tailnode {} {}", node.name_any(), pod)
+}
+
+pub(super) async fn mint(
+    ctx: &Context,
+    node: &TailscaleNode,
+    api: &dyn KeyApi,
+    secrets: &Api<Secret>,
+    secret: &str,
+    pod: &str,
+) -> Result<(), Problem> {
+    let req = MintRequest {
+        description: describe(node, pod),
+        tags: node.spec.tags.clone(),
+        ephemeral: node.spec.ephemeral,
+        expiry: ctx.config.key_ttl,
+    };
+    let labels = |outcome| ApiLabels {
+        api: api.kind(),
+        outcome,
+    };
+    ctx.fence.check()?;
+    match api.mint(&req).await {
+        Ok(minted) => {
+            ctx.metrics.key_mints.get_or_create(&labels("ok")).inc();
+            let patch = json!({
+                "metadata": {"annotations": {MINTED_AT_ANNOTATION: Utc::now().to_rfc3339()}},
+                "stringData": {"authkey": minted.key},
+            });
+            secrets
+                .patch(secret, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(|e| Problem {
+                    reason: "SecretWriteFailed",
+                    message: format!("writing the key into Secret {secret}: {e}"),
+                })?;
+            info!(secret, api = api.kind(), "minted auth key");
+            let note = format!("minted a single-use auth key for pod {pod} into Secret {secret}");
+            publish(ctx, node, EventType::Normal, "KeyMinted", "Mint", &note).await;
+            Ok(())
+        }
+        Err(e) => {
+            ctx.metrics.key_mints.get_or_create(&labels(e.reason())).inc();
+            warn!(secret, api = api.kind(), reason = e.reason(), "minting auth key failed");
+            let reason = match e.reason() {
+                "unauthorized" => "ApiUnauthorized",
+                "bad_request" => "ApiRejected",
+                "rate_limited" => "ApiRateLimited",
+                _ => "ApiUnavailable",
+            };
+            let message = format!("minting a key for pod {pod}: {e}");
+            publish(ctx, node, EventType::Warning, "MintFailed", "Mint", &message).await;
+            Err(Problem { reason, message })
+        }
+    }
+}
+
+/// Deletes the replica's device (if it has one and the API can), then its Secret.
+pub(super) async fn retire(
+    ctx: &Context,
+    node: &TailscaleNode,
+    api: Option<&dyn KeyApi>,
+    secrets: &Api<Secret>,
+    secret: &str,
+    device_id: Option<&str>,
+) -> Result<(), Problem> {
+    if let Some(id) = device_id {
+        let Some(api) = api else {
+            return Err(Problem {
+                reason: "CleanupBlocked",
+                message: format!("cannot delete device of Secret {secret}: credentials unusable"),
+            });
+        };
+        let labels = |outcome| ApiLabels {
+            api: api.kind(),
+            outcome,
+        };
+        ctx.fence.check()?;
+        match api.delete_device(id).await {
+            Ok(deleted) => {
+                ctx.metrics.device_deletions.get_or_create(&labels("ok")).inc();
+                info!(secret, api = api.kind(), "deleted device");
+                let note = if deleted {
+                    format!("deleted the device of Secret {secret}")
+                } else {
+                    format!("static auth key: the device of Secret {secret} must be removed by hand")
+                };
+                publish(ctx, node, EventType::Normal, "DeviceDeleted", "Cleanup", &note).await;
+            }
+            Err(e) => {
+                ctx.metrics.device_deletions.get_or_create(&labels(e.reason())).inc();
+                let message = format!("deleting the device of Secret {secret}: {e}");
+                publish(ctx, node, EventType::Warning, "CleanupFailed", "Cleanup", &message).await;
+                return Err(Problem {
+                    reason: "CleanupFailed",
+                    message,
+                });
+            }
+        }
+    }
+    ctx.fence.check()?;
+    release_secret(secrets, secret).await
+}
+
+/// Removes the device finalizer from a state Secret and deletes it.
+async fn release_secret(secrets: &Api<Secret>, secret: &str) -> Result<(), Problem> {
+    let write_err = |e: kube::Error| Problem {
+        reason: "SecretWriteFailed",
+        message: format!("removing Secret {secret}: {e}"),
+    };
+    let current = secrets.get_opt(secret).await.map_err(write_err)?;
+    if let Some(s) = current {
+        let rest: Vec<String> = s
+            .finalizers()
+            .iter()
+            .filter(|f| f.as_str() != DEVICE_FINALIZER)
+            .cloned()
+            .collect();
+        if rest.len() != s.finalizers().len() {
+            let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": s.resource_version()}});
+            secrets
+                .patch(secret, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(write_err)?;
+        }
+        if s.metadata.deletion_timestamp.is_none() {
+            match secrets.delete(secret, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(write_err(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Releases a state Secret whose device cannot be deleted (no usable credentials while the
+/// namespace is being deleted). The device stays in the tailnet until removed by hand.
+pub(super) async fn abandon_device(secrets: &Api<Secret>, secret: &str) -> Result<(), Problem> {
+    warn!(
+        secret,
+        "namespace is terminating and credentials are unusable; leaving the device in the tailnet"
+    );
+    release_secret(secrets, secret).await
+}

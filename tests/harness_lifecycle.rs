@@ -1,0 +1,182 @@
+//! Lifecycle on the real apiserver with the operator in-process and the contract fake of the
+//! Tailscale API: the credentials scheduling gate, and Secrets tailnode does not own. The pods
+//! here are never run (a nodeSelector no node matches): what matters is what the apiserver
+//! stores. Real pods on the real node are in tests/e2e.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod, Secret};
+use k8s_openapi::api::rbac::v1::Role;
+use kube::api::{ListParams, PostParams};
+use serde_json::{Value, json};
+use support::operator::operator;
+use support::*;
+use tailnode::api::{CREDENTIALS_GATE, TailscaleNode};
+use tailnode::tsapi::fake::{FakeConfig, FakeTailscale};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn setup(prefix: &str) -> (TestNamespace, FakeTailscale) {
+    let h = harness();
+    let op = operator();
+    let client = h.client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(&client, prefix, json!({op.selector.0.clone(): op.selector.1.clone()})).await;
+    let fake = FakeTailscale::start(FakeConfig {
+        client_id: "cid".into(),
+        client_secret: "csecret".into(),
+        client_tags: vec!["tag:k8s".into()],
+    })
+    .await;
+    create(
+        &ns,
+        json!({"metadata": {"name": "oauth"},
+        "stringData": {"client_id": "cid", "client_secret": "csecret"}}),
+    )
+    .await;
+    (ns, fake)
+}
+
+async fn create(ns: &TestNamespace, secret: Value) {
+    let s: Secret = serde_json::from_value(secret).unwrap();
+    ns.api::<Secret>().create(&PostParams::default(), &s).await.unwrap();
+}
+
+async fn node(ns: &TestNamespace, name: &str, secret: &str, fake: &FakeTailscale) {
+    let n: TailscaleNode = serde_json::from_value(json!({"apiVersion": "tailnode.dev/v1alpha1",
+        "kind": "TailscaleNode", "metadata": {"name": name},
+        "spec": {"tags": ["tag:k8s"], "credentials": {"oauth": {"secretName": secret, "apiURL": fake.url()}}}}))
+    .unwrap();
+    ns.api::<TailscaleNode>()
+        .create(&PostParams::default(), &n)
+        .await
+        .unwrap();
+}
+
+async fn pod(ns: &TestNamespace, name: &str, node: &str) -> Pod {
+    let p: Pod = serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": {"tailnode.dev/node": node}},
+        "spec": {"nodeSelector": {"tailnode.dev/test": "never-scheduled"},
+                 "containers": [{"name": "app", "image": "nginx"}]}}),
+    )
+    .unwrap();
+    ns.api::<Pod>().create(&PostParams::default(), &p).await.unwrap()
+}
+
+fn gated(p: &Pod) -> bool {
+    tailnode::inject::is_gated(p.spec.as_ref())
+}
+
+fn data(s: &Secret, key: &str) -> Option<String> {
+    s.data
+        .as_ref()?
+        .get(key)
+        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+}
+
+async fn condition(ns: &TestNamespace, node: &str, type_: &str) -> Option<Value> {
+    let n = ns.api::<TailscaleNode>().get(node).await.ok()?;
+    let st = serde_json::to_value(n.status?).ok()?;
+    st["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+}
+
+async fn role_names(ns: &TestNamespace, node: &str) -> Vec<String> {
+    let role = ns.api::<Role>().get_opt(&format!("tsn-{node}")).await.unwrap();
+    role.and_then(|r| r.rules)
+        .into_iter()
+        .flatten()
+        .filter(|r| r.resources.as_ref().is_some_and(|x| x.contains(&"secrets".to_string())))
+        .flat_map(|r| r.resource_names.unwrap_or_default())
+        .collect()
+}
+
+/// The webhook gates the pod; the gate opens only once its Secret holds a key and the Role names
+/// it. With broken credentials it stays closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_opens_once_the_key_and_the_grant_are_in_place() {
+    let (ns, fake) = setup("gate").await;
+    node(&ns, "web", "oauth", &fake).await;
+    let created = pod(&ns, "web-1", "web").await;
+    assert!(
+        gated(&created),
+        "the webhook adds the {CREDENTIALS_GATE} gate at CREATE"
+    );
+    let api = ns.api::<Pod>();
+    let opened = eventually(WAIT, || async { api.get("web-1").await.ok().filter(|p| !gated(p)) }).await;
+    assert!(opened.is_some(), "the gate never opened");
+    let s = ns.api::<Secret>().get("ts-web-1").await.unwrap();
+    assert!(
+        data(&s, "authkey").is_some(),
+        "the gate opened before the key was there"
+    );
+    assert!(role_names(&ns, "web").await.contains(&"ts-web-1".to_string()));
+
+    // Broken credentials: the node reports them, and its pod stays gated.
+    node(&ns, "broken", "missing-secret", &fake).await;
+    pod(&ns, "broken-1", "broken").await;
+    let reported = eventually(WAIT, || async {
+        let c = condition(&ns, "broken", "CredentialsValid").await?;
+        (c["status"] == "False").then_some(c)
+    })
+    .await;
+    assert!(reported.is_some(), "CredentialsValid=False never reported");
+    assert!(
+        gated(&api.get("broken-1").await.unwrap()),
+        "a pod without a key was released"
+    );
+    ns.cleanup().await;
+}
+
+/// A Secret named like a replica's state Secret that tailnode did not make is never adopted: the
+/// replica is Failed, a condition and an Event name the Secret, the Role never lists it, no key
+/// is written into it, and the pod stays gated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_secret_is_never_adopted() {
+    let (ns, fake) = setup("foreign").await;
+    create(
+        &ns,
+        json!({"metadata": {"name": "ts-victim"}, "stringData": {"password": "hunter2"}}),
+    )
+    .await;
+    node(&ns, "web", "oauth", &fake).await;
+    pod(&ns, "victim", "web").await;
+    let degraded = eventually(WAIT, || async {
+        let c = condition(&ns, "web", "Degraded").await?;
+        (c["reason"] == "SecretConflict").then_some(c)
+    })
+    .await
+    .expect("Degraded=SecretConflict");
+    assert!(
+        degraded["message"].as_str().unwrap().contains("ts-victim"),
+        "{degraded}"
+    );
+    let n = ns.api::<TailscaleNode>().get("web").await.unwrap();
+    let st = serde_json::to_value(n.status.unwrap()).unwrap();
+    assert_eq!(st["replicas"][0]["state"], "Failed", "{st}");
+    let events = ns.api::<CoreEvent>().list(&ListParams::default()).await.unwrap().items;
+    assert!(
+        events.iter().any(|e| e.reason.as_deref() == Some("SecretConflict")
+            && e.message.as_deref().is_some_and(|m| m.contains("ts-victim"))),
+        "no SecretConflict Event"
+    );
+    assert!(
+        !role_names(&ns, "web").await.contains(&"ts-victim".to_string()),
+        "the Role grants it"
+    );
+    let s = ns.api::<Secret>().get("ts-victim").await.unwrap();
+    assert_eq!(data(&s, "password").as_deref(), Some("hunter2"));
+    assert!(data(&s, "authkey").is_none(), "a key was written into a foreign Secret");
+    assert_eq!(fake.ledger().mints.len(), 0, "a key was minted for it");
+    assert!(
+        gated(&ns.api::<Pod>().get("victim").await.unwrap()),
+        "its pod was released"
+    );
+    ns.cleanup().await;
+}
