@@ -63,7 +63,11 @@ async fn pod(ns: &TestNamespace, name: &str, node: &str) -> Pod {
                  "containers": [{"name": "app", "image": "nginx"}]}}),
     )
     .unwrap();
-    ns.api::<Pod>().create(&PostParams::default(), &p).await.unwrap()
+    // The webhook's cache learns of a new TailscaleNode within moments; until then it refuses.
+    let api = ns.api::<Pod>();
+    eventually(WAIT, || async { api.create(&PostParams::default(), &p).await.ok() })
+        .await
+        .unwrap_or_else(|| panic!("pod {name} was never admitted"))
 }
 
 fn gated(p: &Pod) -> bool {
@@ -178,5 +182,122 @@ async fn a_foreign_secret_is_never_adopted() {
         gated(&ns.api::<Pod>().get("victim").await.unwrap()),
         "its pod was released"
     );
+    ns.cleanup().await;
+}
+
+/// The chart's ValidatingAdmissionPolicy: the operator's ServiceAccount may remove its own gate
+/// from a pod and nothing else (not an image, a label, another gate); others are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_may_only_open_its_own_gate() {
+    let h = harness();
+    let client = h.client().await;
+    let ns = TestNamespace::new(&client, "podpolicy", json!({})).await;
+    let release = unique("vap");
+    // The chart's policy, for a ServiceAccount of this test's namespace.
+    let (ok, rendered, err) = h.run(
+        "helm",
+        &[
+            "template",
+            &release,
+            path_str(&repo_root().join("charts/tailnode")),
+            "--namespace",
+            &ns.name,
+            "--show-only",
+            "templates/podupdatepolicy.yaml",
+        ],
+        None,
+    );
+    assert!(ok, "helm template: {err}");
+    let (ok, _, err) = h.run("kubectl", &["apply", "-f", "-"], Some(&rendered));
+    assert!(ok, "apply the policy: {err}");
+    let sa = if release.contains("tailnode") {
+        release.clone()
+    } else {
+        format!("{release}-tailnode")
+    };
+    let setup = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {sa}, namespace: {ns}}}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: patch-pods, namespace: {ns}}}\n\
+         rules: [{{apiGroups: [''], resources: [pods], verbs: [get, patch]}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: patch-pods, namespace: {ns}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: patch-pods}}\n\
+         subjects: [{{kind: ServiceAccount, name: {sa}, namespace: {ns}}}]\n",
+        ns = ns.name
+    );
+    let (ok, _, err) = h.run("kubectl", &["apply", "-f", "-"], Some(&setup));
+    assert!(ok, "{err}");
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "gated", "labels": {"app": "x"}},
+        "spec": {"schedulingGates": [{"name": "example.com/other"}, {"name": CREDENTIALS_GATE}],
+                 "containers": [{"name": "app", "image": "nginx"}]}}))
+    .unwrap();
+    ns.api::<Pod>().create(&PostParams::default(), &p).await.unwrap();
+    let (_, token, err) = h.run("kubectl", &["create", "token", &sa, "-n", &ns.name], None);
+    assert!(!token.trim().is_empty(), "token: {err}");
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&h.ca_pem()).unwrap())
+        .no_proxy()
+        .build()
+        .unwrap();
+    let url = format!("{}/api/v1/namespaces/{}/pods/gated", h.apiserver_url(), ns.name);
+    let patch = |body: Value| {
+        let req = http
+            .patch(&url)
+            .bearer_auth(token.trim())
+            .header("content-type", "application/json-patch+json")
+            .body(body.to_string());
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let image = json!([{"op": "replace", "path": "/spec/containers/0/image", "value": "evil"}]);
+    // The apiserver picks up a new policy within moments.
+    let denied = eventually(WAIT, || async {
+        let (code, text) = patch(image.clone()).await;
+        (code >= 400 && text.contains("tailnode may not change a pod's containers")).then_some(())
+    })
+    .await;
+    assert!(denied.is_some(), "an image change by the operator was not refused");
+    for (body, why) in [
+        (
+            json!([{"op": "add", "path": "/metadata/labels/extra", "value": "y"}]),
+            "labels",
+        ),
+        (
+            json!([{"op": "remove", "path": "/spec/schedulingGates/0"}]),
+            "its own scheduling gate",
+        ),
+        (
+            json!([{"op": "add", "path": "/metadata/annotations", "value": {"other.io/x": "1"}}]),
+            "tailnode.dev/ annotations",
+        ),
+    ] {
+        let (code, text) = patch(body.clone()).await;
+        assert!(
+            code >= 400 && text.contains(why),
+            "{body} was not refused: {code} {text}"
+        );
+    }
+    let (code, text) = patch(json!([
+        {"op": "test", "path": "/spec/schedulingGates/1/name", "value": CREDENTIALS_GATE},
+        {"op": "remove", "path": "/spec/schedulingGates/1"},
+        {"op": "add", "path": "/metadata/annotations", "value": {"tailnode.dev/note": "ok"}}
+    ]))
+    .await;
+    assert_eq!(code, 200, "removing its own gate was refused: {text}");
+    let now = ns.api::<Pod>().get("gated").await.unwrap();
+    let gates: Vec<String> = now
+        .spec
+        .unwrap()
+        .scheduling_gates
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| g.name)
+        .collect();
+    assert_eq!(gates, vec!["example.com/other".to_string()]);
+    // Anyone else is not bound by it.
+    let (ok, _, err) = h.run("kubectl", &["label", "pod", "gated", "-n", &ns.name, "extra=y"], None);
+    assert!(ok, "the admin's label change was refused: {err}");
+    let _ = h.run("kubectl", &["delete", "-f", "-", "--wait=false"], Some(&rendered));
     ns.cleanup().await;
 }
