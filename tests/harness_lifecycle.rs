@@ -239,9 +239,12 @@ async fn the_operator_may_only_open_its_own_gate() {
         .build()
         .unwrap();
     let url = format!("{}/api/v1/namespaces/{}/pods/gated", h.apiserver_url(), ns.name);
-    let patch = |body: Value| {
+    // Refusals are probed with dry runs (admission runs, nothing is stored): a patch let through
+    // before the policy is active must not change what the next probe compares against.
+    let patch = |body: Value, dry: bool| {
+        let url = if dry { format!("{url}?dryRun=All") } else { url.clone() };
         let req = http
-            .patch(&url)
+            .patch(url)
             .bearer_auth(token.trim())
             .header("content-type", "application/json-patch+json")
             .body(body.to_string());
@@ -253,7 +256,7 @@ async fn the_operator_may_only_open_its_own_gate() {
     let image = json!([{"op": "replace", "path": "/spec/containers/0/image", "value": "evil"}]);
     // The apiserver picks up a new policy within moments.
     let denied = eventually(WAIT, || async {
-        let (code, text) = patch(image.clone()).await;
+        let (code, text) = patch(image.clone(), true).await;
         (code >= 400 && text.contains("tailnode may not change a pod's containers")).then_some(())
     })
     .await;
@@ -272,17 +275,20 @@ async fn the_operator_may_only_open_its_own_gate() {
             "tailnode.dev/ annotations",
         ),
     ] {
-        let (code, text) = patch(body.clone()).await;
+        let (code, text) = patch(body.clone(), true).await;
         assert!(
             code >= 400 && text.contains(why),
             "{body} was not refused: {code} {text}"
         );
     }
-    let (code, text) = patch(json!([
-        {"op": "test", "path": "/spec/schedulingGates/1/name", "value": CREDENTIALS_GATE},
-        {"op": "remove", "path": "/spec/schedulingGates/1"},
-        {"op": "add", "path": "/metadata/annotations", "value": {"tailnode.dev/note": "ok"}}
-    ]))
+    let (code, text) = patch(
+        json!([
+            {"op": "test", "path": "/spec/schedulingGates/1/name", "value": CREDENTIALS_GATE},
+            {"op": "remove", "path": "/spec/schedulingGates/1"},
+            {"op": "add", "path": "/metadata/annotations", "value": {"tailnode.dev/note": "ok"}}
+        ]),
+        false,
+    )
     .await;
     assert_eq!(code, 200, "removing its own gate was refused: {text}");
     let now = ns.api::<Pod>().get("gated").await.unwrap();
@@ -298,6 +304,16 @@ async fn the_operator_may_only_open_its_own_gate() {
     // Anyone else is not bound by it.
     let (ok, _, err) = h.run("kubectl", &["label", "pod", "gated", "-n", &ns.name, "extra=y"], None);
     assert!(ok, "the admin's label change was refused: {err}");
-    let _ = h.run("kubectl", &["delete", "-f", "-", "--wait=false"], Some(&rendered));
+    let name = format!("{sa}-pod-updates");
+    let _ = h.run(
+        "kubectl",
+        &[
+            "delete",
+            "validatingadmissionpolicybinding,validatingadmissionpolicy",
+            &name,
+            "--wait=false",
+        ],
+        None,
+    );
     ns.cleanup().await;
 }
