@@ -65,9 +65,18 @@ async fn pod(ns: &TestNamespace, name: &str, node: &str) -> Pod {
     .unwrap();
     // The webhook's cache learns of a new TailscaleNode within moments; until then it refuses.
     let api = ns.api::<Pod>();
-    eventually(WAIT, || async { api.create(&PostParams::default(), &p).await.ok() })
-        .await
-        .unwrap_or_else(|| panic!("pod {name} was never admitted"))
+    let last = std::sync::Mutex::new(String::new());
+    let admitted = eventually(WAIT, || async {
+        match api.create(&PostParams::default(), &p).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                *last.lock().unwrap() = e.to_string();
+                None
+            }
+        }
+    })
+    .await;
+    admitted.unwrap_or_else(|| panic!("pod {name} was never admitted: {}", last.lock().unwrap()))
 }
 
 fn gated(p: &Pod) -> bool {

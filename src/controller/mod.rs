@@ -29,12 +29,53 @@ use crate::api::{NODE_LABEL, TailscaleNode};
 use crate::metrics::{Metrics, ReconcileLabels};
 use credentials::{CredentialCache, DefaultCredentials};
 
-/// Reconcile errors; `reason()` is the bounded metric label.
+/// The reconcile step a Kubernetes API call belonged to; its name is the bounded `reason` of
+/// metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Reading StatefulSets, pods and state Secrets.
+    Observe,
+    /// Creating (or checking) a replica's state Secret.
+    CreateSecret,
+    /// Applying the Role and RoleBinding.
+    Rbac,
+    /// Applying or deleting the serve ConfigMap.
+    ServeConfig,
+    /// Removing a used key from a registered replica's Secret.
+    StripKey,
+    /// Writing the TailscaleNode's status.
+    Status,
+    /// Deleting the Role, RoleBinding and ConfigMap of a deleted node.
+    Teardown,
+}
+
+impl Step {
+    /// Bounded label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Observe => "observe",
+            Step::CreateSecret => "create_secret",
+            Step::Rbac => "rbac",
+            Step::ServeConfig => "serve_config",
+            Step::StripKey => "strip_key",
+            Step::Status => "status",
+            Step::Teardown => "teardown",
+        }
+    }
+}
+
+/// Reconcile errors; `reason()` is the bounded label of metrics, logs and Events.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A Kubernetes API call failed.
-    #[error("kubernetes API: {0}")]
-    Kube(#[source] kube::Error),
+    /// A Kubernetes API call of one step failed.
+    #[error("{}: kubernetes API: {source}", step.as_str())]
+    Kube {
+        /// The step.
+        step: Step,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
     /// The finalizer helper failed (wraps the inner error).
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -44,11 +85,22 @@ pub enum Error {
 }
 
 impl Error {
-    /// Bounded label for metrics.
+    /// A closure for `map_err` that tags an API error with its step.
+    pub fn at(step: Step) -> impl Fn(kube::Error) -> Error {
+        move |source| Error::Kube { step, source }
+    }
+
+    /// Bounded label for metrics: the failed step, seen through the finalizer wrapper.
     pub fn reason(&self) -> &'static str {
+        use kube::runtime::finalizer::Error as F;
         match self {
-            Error::Kube(_) => "kube",
-            Error::Finalizer(_) => "finalizer",
+            Error::Kube { step, .. } => step.as_str(),
+            Error::Finalizer(inner) => match inner.as_ref() {
+                F::ApplyFailed(e) | F::CleanupFailed(e) => e.reason(),
+                F::AddFinalizer(_) => "add_finalizer",
+                F::RemoveFinalizer(_) => "remove_finalizer",
+                _ => "finalizer",
+            },
             Error::Cleanup(_) => "cleanup",
         }
     }
@@ -184,6 +236,28 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reason_names_the_failed_step_through_the_finalizer() {
+        let api = || {
+            kube::Error::Api(Box::new(
+                kube::core::Status::failure("nope", "Forbidden").with_code(403),
+            ))
+        };
+        let inner = Error::at(Step::Rbac)(api());
+        assert_eq!(inner.reason(), "rbac");
+        assert!(inner.to_string().starts_with("rbac: kubernetes API"));
+        let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(inner)));
+        assert_eq!(wrapped.reason(), "rbac");
+        let cleanup = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::CleanupFailed(Error::at(
+            Step::Teardown,
+        )(
+            api()
+        ))));
+        assert_eq!(cleanup.reason(), "teardown");
+        let add = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::AddFinalizer(api())));
+        assert_eq!(add.reason(), "add_finalizer");
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -20,7 +20,7 @@ use super::desired::{self, NODE_FINALIZER, SecretAction};
 use super::gate;
 use super::secrets::{self, abandon_device, mint, retire};
 use super::status::{self, Findings};
-use super::{Context, Error};
+use super::{Context, Error, Step};
 use crate::api::{NODE_LABEL, TailscaleNode, serve_config_map_name};
 
 /// Field manager of every server-side apply.
@@ -73,7 +73,7 @@ async fn observe(node: &TailscaleNode, ctx: &Context) -> Result<Observed, Error>
         .filter_map(|s| s.annotations().get(desired::STATEFULSET_ANNOTATION).cloned())
         .collect();
     for sts in named {
-        if let Some(s) = sts_api.get_opt(&sts).await.map_err(Error::Kube)? {
+        if let Some(s) = sts_api.get_opt(&sts).await.map_err(Error::at(Step::Observe))? {
             statefulsets.insert(sts, s.spec.replicas.unwrap_or(1));
         }
     }
@@ -87,7 +87,7 @@ async fn observe(node: &TailscaleNode, ctx: &Context) -> Result<Observed, Error>
 async fn list_secrets(ctx: &Context, ns: &str, node: &str) -> Result<Vec<Secret>, Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let lp = ListParams::default().labels(&format!("{NODE_LABEL}={node}"));
-    Ok(api.list(&lp).await.map_err(Error::Kube)?.items)
+    Ok(api.list(&lp).await.map_err(Error::at(Step::Observe))?.items)
 }
 
 async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -134,20 +134,20 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
     Api::<Role>::namespaced(ctx.client.clone(), &ns)
         .patch(&rbac, &pp, &Patch::Apply(&desired::role(&node, &names)))
         .await
-        .map_err(Error::Kube)?;
+        .map_err(Error::at(Step::Rbac))?;
     Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns)
         .patch(&rbac, &pp, &Patch::Apply(&desired::role_binding(&node, &accounts)))
         .await
-        .map_err(Error::Kube)?;
+        .map_err(Error::at(Step::Rbac))?;
     let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     match desired::serve_config_map(&node) {
         Some(cm) => {
             cm_api
                 .patch(&serve_config_map_name(&key), &pp, &Patch::Apply(&cm))
                 .await
-                .map_err(Error::Kube)?;
+                .map_err(Error::at(Step::ServeConfig))?;
         }
-        None => delete_ignoring_missing(&cm_api, &serve_config_map_name(&key)).await?,
+        None => delete_ignoring_missing(&cm_api, &serve_config_map_name(&key), Step::ServeConfig).await?,
     }
 
     let mut findings = Findings::default();
@@ -188,7 +188,7 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
                 secrets_api
                     .patch(&secret, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
-                    .map_err(Error::Kube)?;
+                    .map_err(Error::at(Step::StripKey))?;
             }
             SecretAction::Retire { secret, device_id } => {
                 // Never retire on the cache's word alone: ask the apiserver whether the pod is gone.
@@ -228,11 +228,12 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
         Utc::now(),
     );
     if node.status.as_ref() != Some(&st) {
-        let patch = json!({"status": st});
+        // Server-side apply with the operator's one field manager: the status is tailnode's.
+        let patch = json!({"apiVersion": "tailnode.dev/v1alpha1", "kind": "TailscaleNode", "status": st});
         Api::<TailscaleNode>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(&key, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(&key, &pp, &Patch::Apply(&patch))
             .await
-            .map_err(Error::Kube)?;
+            .map_err(Error::at(Step::Status))?;
     }
     if findings.credentials.is_some() || !findings.failures.is_empty() {
         return Ok(Action::requeue(ctx.backoff.next(&node)));
@@ -287,13 +288,16 @@ async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, 
         return Err(Error::Cleanup(problems.join("; ")));
     }
     let rbac = desired::rbac_name(&node);
-    delete_ignoring_missing(&Api::<Role>::namespaced(ctx.client.clone(), &ns), &rbac).await?;
-    delete_ignoring_missing(&Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns), &rbac).await?;
+    let teardown = Step::Teardown;
+    delete_ignoring_missing(&Api::<Role>::namespaced(ctx.client.clone(), &ns), &rbac, teardown).await?;
     delete_ignoring_missing(
-        &Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns),
-        &serve_config_map_name(&key),
+        &Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns),
+        &rbac,
+        teardown,
     )
     .await?;
+    let cm = serve_config_map_name(&key);
+    delete_ignoring_missing(&Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns), &cm, teardown).await?;
     ctx.backoff.reset(&node);
     Ok(Action::await_change())
 }
@@ -317,7 +321,7 @@ async fn pod_still_exists(ctx: &Context, ns: &str, secrets: &[Secret], secret: &
         return Ok(false);
     };
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let found = api.get_opt(pod).await.map_err(Error::Kube)?;
+    let found = api.get_opt(pod).await.map_err(Error::at(Step::Observe))?;
     let statefulset = s.annotations().contains_key(desired::STATEFULSET_ANNOTATION);
     Ok(found.is_some_and(|p| p.metadata.deletion_timestamp.is_none() && (statefulset || !desired::finished(&p))))
 }
@@ -327,14 +331,14 @@ pub(super) async fn namespace_terminating(ctx: &Context, ns: &str) -> bool {
     matches!(api.get_opt(ns).await, Ok(Some(n)) if n.metadata.deletion_timestamp.is_some())
 }
 
-async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str, step: Step) -> Result<(), Error>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     match api.delete(name, &DeleteParams::default()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(Error::Kube(e)),
+        Err(e) => Err(Error::at(step)(e)),
     }
 }
 

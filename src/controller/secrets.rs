@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::desired::{self, DEVICE_FINALIZER, MINTED_AT_ANNOTATION, Replica};
 use super::reconcile::publish;
 use super::status::Problem;
-use super::{Context, Error};
+use super::{Context, Error, Step};
 use crate::api::TailscaleNode;
 use crate::metrics::ApiLabels;
 use crate::tsapi::{KeyApi, MintRequest};
@@ -34,12 +34,15 @@ pub(super) async fn create_state_secrets(
         {
             Ok(_) => info!(secret = %r.secret, "created state secret"),
             Err(kube::Error::Api(e)) if e.code == 409 => {
-                let existing = secrets.get_opt(&r.secret).await.map_err(Error::Kube)?;
+                let existing = secrets
+                    .get_opt(&r.secret)
+                    .await
+                    .map_err(Error::at(Step::CreateSecret))?;
                 if !existing.as_ref().is_some_and(|s| desired::owned_by(s, node, &r.pod)) {
                     foreign.insert(r.secret.clone());
                 }
             }
-            Err(e) => return Err(Error::Kube(e)),
+            Err(e) => return Err(Error::at(Step::CreateSecret)(e)),
         }
     }
     Ok(foreign)
