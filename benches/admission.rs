@@ -82,7 +82,13 @@ async fn main() {
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let app = router(Arc::new(state()));
-    tokio::spawn(tailnode::tls::serve_https(listener, resolver, app, shutdown.clone()));
+    tokio::spawn(tailnode::tls::serve_https(
+        listener,
+        resolver,
+        app,
+        tailnode::tls::ServerLimits::default(),
+        shutdown.clone(),
+    ));
 
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).unwrap())

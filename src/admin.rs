@@ -114,7 +114,11 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = shutdown.clone();
-        let task = tokio::spawn(async move { crate::tls::serve_http(listener, router, shutdown).await.unwrap() });
+        let task = tokio::spawn(async move {
+            crate::tls::serve_http(listener, router, Default::default(), shutdown)
+                .await
+                .unwrap()
+        });
         (addr, task)
     }
 

@@ -156,6 +156,7 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
     let metrics = Arc::new(Metrics::default());
     let readiness = admin::Readiness::new();
     let mut tasks = tokio::task::JoinSet::new();
+    let limits = a.limits.to_limits();
 
     if a.admin {
         let listener = tokio::net::TcpListener::bind(a.admin_addr)
@@ -164,7 +165,7 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
         let router = admin::router(metrics.clone(), readiness.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            tls::serve_http(listener, router, stop)
+            tls::serve_http(listener, router, limits, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });
@@ -220,7 +221,7 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
             Ok(())
         });
         tasks.spawn(async move {
-            tls::serve_https(listener, resolver, crate::webhook::router(state), stop)
+            tls::serve_https(listener, resolver, crate::webhook::router(state), limits, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });

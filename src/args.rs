@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::inject::{DEFAULT_IMAGE, OperatorDefaults, PodSecurityLevel};
+use crate::tls::ServerLimits;
 
 /// tailnode: put Kubernetes pods on a Tailscale tailnet.
 #[derive(Debug, Parser)]
@@ -121,6 +122,9 @@ pub struct RunArgs {
     /// Operator-wide defaults for the sidecar.
     #[command(flatten)]
     pub defaults: DefaultsArgs,
+    /// Limits of the webhook and admin servers.
+    #[command(flatten)]
+    pub limits: ServerLimitsArgs,
 }
 
 impl RunArgs {
@@ -154,6 +158,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok()
         .and_then(|n| per_unit.checked_mul(n))
         .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// [`parse_duration`], but not zero: a zero timeout would close every connection.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err(format!("{text:?}: a timeout must be longer than zero")),
+        d => Ok(d),
+    }
 }
 
 /// Kinds of default credentials.
@@ -217,6 +229,64 @@ impl DefaultsArgs {
             image: self.sidecar_image.clone(),
             control_url: self.control_url.clone(),
             no_logs_no_support: !self.allow_logs,
+        }
+    }
+}
+
+/// Limits that keep slow or hostile clients from holding the webhook and admin servers open.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerLimitsArgs {
+    /// How long a client may take to complete the TLS handshake (e.g. 10s, 500ms).
+    #[arg(long, env = "TAILNODE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub handshake_timeout: Duration,
+    /// How long a client may take to send a request's headers (after the handshake, and between
+    /// HTTP/1.1 requests on one connection).
+    #[arg(long, env = "TAILNODE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub header_read_timeout: Duration,
+    /// How long a connection may stay open without a request in flight.
+    #[arg(long, env = "TAILNODE_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_timeout)]
+    pub idle_timeout: Duration,
+    /// How long a request may take from its headers to its response (answered 408 when over).
+    #[arg(long, env = "TAILNODE_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_timeout)]
+    pub request_timeout: Duration,
+    /// Open connections per server; more are closed at once.
+    #[arg(
+        long,
+        env = "TAILNODE_MAX_CONNECTIONS",
+        default_value_t = ServerLimits::MAX_CONNECTIONS as u64,
+        value_parser = clap::value_parser!(u64).range(1..),
+    )]
+    pub max_connections: u64,
+    /// Open connections per server from one client IP; more are closed at once.
+    #[arg(
+        long,
+        env = "TAILNODE_MAX_CONNECTIONS_PER_IP",
+        default_value_t = ServerLimits::MAX_CONNECTIONS_PER_IP as u64,
+        value_parser = clap::value_parser!(u64).range(1..),
+    )]
+    pub max_connections_per_ip: u64,
+    /// Largest request body in bytes (answered 413 when over).
+    #[arg(
+        long,
+        env = "TAILNODE_MAX_BODY_BYTES",
+        default_value_t = ServerLimits::MAX_BODY_BYTES as u64,
+        value_parser = clap::value_parser!(u64).range(1..),
+    )]
+    pub max_body_bytes: u64,
+}
+
+impl ServerLimitsArgs {
+    /// The servers' view of these flags.
+    pub fn to_limits(&self) -> ServerLimits {
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        ServerLimits {
+            handshake_timeout: self.handshake_timeout,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            request_timeout: self.request_timeout,
+            max_connections: size(self.max_connections),
+            max_connections_per_ip: size(self.max_connections_per_ip),
+            max_body_bytes: size(self.max_body_bytes),
         }
     }
 }
@@ -297,6 +367,38 @@ mod tests {
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         for bad in ["", "15", "s", "-1s", "1.5s", "15 s", "10d", "99999999999s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn server_limit_flags_default_to_the_server_defaults() {
+        assert_eq!(run_args(&[]).limits.to_limits(), ServerLimits::default());
+        let set = run_args(&[
+            "--handshake-timeout=3s",
+            "--header-read-timeout=4s",
+            "--idle-timeout=5m",
+            "--request-timeout=600ms",
+            "--max-connections=7",
+            "--max-connections-per-ip=8",
+            "--max-body-bytes=9",
+        ]);
+        let want = ServerLimits {
+            handshake_timeout: Duration::from_secs(3),
+            header_read_timeout: Duration::from_secs(4),
+            idle_timeout: Duration::from_secs(300),
+            request_timeout: Duration::from_millis(600),
+            max_connections: 7,
+            max_connections_per_ip: 8,
+            max_body_bytes: 9,
+        };
+        assert_eq!(set.limits.to_limits(), want);
+        for zero in [
+            "--max-connections=0",
+            "--max-body-bytes=0",
+            "--handshake-timeout=0s",
+            "--idle-timeout=0ms",
+        ] {
+            assert!(Args::try_parse_from(["tailnode", "run", zero]).is_err(), "{zero}");
         }
     }
 }

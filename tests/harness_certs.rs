@@ -19,7 +19,7 @@ use kube::{Api, Client};
 use serde_json::json;
 use support::*;
 use tailnode::certs::{SelfManagedConfig, ServingMaterial, ensure_self_managed, run_rotation};
-use tailnode::tls::{ReloadingCert, certs_from_pem, serve_https};
+use tailnode::tls::{ReloadingCert, ServerLimits, certs_from_pem, serve_https};
 use tokio_util::sync::CancellationToken;
 
 const FIELD_MANAGER: &str = "tailnode-tests";
@@ -380,6 +380,7 @@ async fn the_apiserver_trusts_the_self_managed_certificate_across_a_rotation() {
             listener,
             reloading.clone(),
             Router::new().route("/mutate", post(mutate)),
+            ServerLimits::default(),
             shutdown.clone(),
         ))
     };

@@ -2,7 +2,9 @@
 //! serving certificate that can be swapped while the server runs ([`ReloadingCert`]).
 //!
 //! Both servers share one accept loop: a failed accept or handshake is logged and the loop goes
-//! on; on cancellation the listener closes, open connections are asked to finish (HTTP/1.1
+//! on. [`ServerLimits`] bound what one client can hold: connections over a cap are closed before
+//! their handshake, and handshakes, request headers, idle connections, requests and bodies have
+//! limits. On cancellation the listener closes, open connections are asked to finish (HTTP/1.1
 //! keep-alive ends, h2 sends GOAWAY) and, after [`SHUTDOWN_GRACE`], the rest are dropped.
 
 use std::fmt;
@@ -12,9 +14,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
+use axum::extract::DefaultBodyLimit;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -26,8 +26,12 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// How long a client may take to complete the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+mod conn;
+mod limits;
+
+use limits::ConnectionLimiter;
+pub use limits::ServerLimits;
+
 /// How long open connections may take to finish after shutdown is requested.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
@@ -243,42 +247,64 @@ pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<rustls::Se
     Ok(config)
 }
 
-/// Serves `router` over HTTPS on `listener` with the certificate `resolver` picks, until
-/// `shutdown` is cancelled. Fails only when the TLS configuration cannot be built.
+/// Serves `router` over HTTPS on `listener` with the certificate `resolver` picks, under
+/// `limits`, until `shutdown` is cancelled. Fails only when the TLS configuration cannot be built.
 pub async fn serve_https(
     listener: TcpListener,
     resolver: Arc<dyn ResolvesServerCert>,
     router: Router,
+    limits: ServerLimits,
     shutdown: CancellationToken,
 ) -> Result<(), TlsError> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(resolver)?));
-    serve_loop(listener, router, shutdown, move |tcp| acceptor.accept(tcp)).await;
+    serve_loop(listener, router, limits, shutdown, move |tcp| acceptor.accept(tcp)).await;
     Ok(())
 }
 
-/// Serves `router` over plain HTTP (HTTP/1.1 and h2c) on `listener` until `shutdown` is
-/// cancelled. For the admin port.
-pub async fn serve_http(listener: TcpListener, router: Router, shutdown: CancellationToken) -> Result<(), TlsError> {
-    serve_loop(listener, router, shutdown, |tcp| std::future::ready(Ok(tcp))).await;
+/// Serves `router` over plain HTTP (HTTP/1.1 and h2c) on `listener`, under `limits`, until
+/// `shutdown` is cancelled. For the admin port.
+pub async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+) -> Result<(), TlsError> {
+    serve_loop(listener, router, limits, shutdown, |tcp| std::future::ready(Ok(tcp))).await;
     Ok(())
 }
 
-/// The accept loop: `handshake` turns each TCP stream into the I/O hyper serves.
-async fn serve_loop<H, F, IO>(listener: TcpListener, router: Router, shutdown: CancellationToken, handshake: H)
-where
+/// The accept loop: `handshake` turns each TCP stream into the I/O hyper serves. A connection over
+/// a cap is closed at once, before its handshake.
+async fn serve_loop<H, F, IO>(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+    handshake: H,
+) where
     H: Fn(TcpStream) -> F,
     F: Future<Output = std::io::Result<IO>> + Send + 'static,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let router = router.layer(DefaultBodyLimit::max(limits.max_body_bytes));
+    let limiter = ConnectionLimiter::new(&limits);
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    connections.spawn(serve_connection(handshake(tcp), router.clone(), shutdown.clone(), peer));
-                }
+                Ok((tcp, peer)) => match limiter.try_admit(peer.ip()) {
+                    Ok(permit) => {
+                        let connection = handshake(tcp);
+                        let (router, stop) = (router.clone(), shutdown.clone());
+                        connections.spawn(conn::serve_connection(connection, router, limits, stop, peer, permit));
+                    }
+                    Err(refused) => {
+                        debug!(%peer, limit = refused.label(), "connection refused: over the connection limit");
+                        drop(tcp);
+                    }
+                },
                 Err(error) => {
                     warn!(%error, "accepting a connection failed");
                     tokio::time::sleep(ACCEPT_RETRY).await;
@@ -297,40 +323,6 @@ where
             "connections still open after the shutdown grace period"
         );
         connections.shutdown().await;
-    }
-}
-
-async fn serve_connection<F, IO>(handshake: F, router: Router, shutdown: CancellationToken, peer: std::net::SocketAddr)
-where
-    F: Future<Output = std::io::Result<IO>>,
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let io = tokio::select! {
-        () = shutdown.cancelled() => return,
-        done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => match done {
-            Ok(Ok(io)) => io,
-            Ok(Err(error)) => {
-                debug!(%error, %peer, "connection handshake failed");
-                return;
-            }
-            Err(_) => {
-                debug!(%peer, "connection handshake timed out");
-                return;
-            }
-        },
-    };
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(router));
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(error) = result {
-        debug!(%error, %peer, "connection ended with an error");
     }
 }
 

@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use axum::routing::get;
 use chrono::Utc;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 
@@ -28,7 +29,13 @@ async fn start(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(serve_https(listener, resolver, router(), shutdown.clone()));
+    let task = tokio::spawn(serve_https(
+        listener,
+        resolver,
+        router(),
+        ServerLimits::default(),
+        shutdown.clone(),
+    ));
     (addr, shutdown, task)
 }
 
