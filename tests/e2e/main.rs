@@ -14,6 +14,7 @@ mod support;
 
 mod cluster;
 mod node;
+mod outage;
 mod tailnet;
 mod workloads;
 
@@ -43,15 +44,19 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     }),
 ];
 
+/// Scenarios that run one at a time after the others (they disturb the shared operator).
+const ALONE: &[(&str, Scenario)] = &[("controller_outage_keeps_pods_gated_until_it_returns", |c| {
+    Box::pin(outage::controller_outage(c))
+})];
+
 fn main() {
     // cargo passes libtest flags (e.g. --test-threads); anything not starting with '-' filters.
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let chosen: Vec<&(&str, Scenario)> = SCENARIOS
-        .iter()
-        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
-        .collect();
-    println!("\nrunning {} tests", chosen.len());
-    if chosen.is_empty() {
+    let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
+    let chosen: Vec<&(&str, Scenario)> = SCENARIOS.iter().filter(|(name, _)| wanted(name)).collect();
+    let alone: Vec<&(&str, Scenario)> = ALONE.iter().filter(|(name, _)| wanted(name)).collect();
+    println!("\nrunning {} tests", chosen.len() + alone.len());
+    if chosen.is_empty() && alone.is_empty() {
         println!("\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n");
         return;
     }
@@ -78,7 +83,13 @@ fn main() {
                 (*name, result, t.elapsed())
             }
         });
-        let results = futures::future::join_all(runs).await;
+        let mut results = futures::future::join_all(runs).await;
+        // Alone, after the others: these stop parts of the one installed operator for a while.
+        for (name, f) in &alone {
+            let t = Instant::now();
+            let result = tokio::spawn(f(c.clone())).map(|r| r.map_err(|e| e.to_string())).await;
+            results.push((*name, result, t.elapsed()));
+        }
         let mut failed = Vec::new();
         for (name, result, took) in results {
             match result {
@@ -94,7 +105,7 @@ fn main() {
         }
         failed
     });
-    let passed = chosen.len() - failed.len();
+    let passed = chosen.len() + alone.len() - failed.len();
     let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
     println!(
         "\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; 0 filtered out\n",

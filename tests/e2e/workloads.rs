@@ -22,9 +22,17 @@ fn split_image(image: &str) -> (&str, &str) {
 /// `helm install` of charts/tailnode with only image and credential values set; waits until the
 /// webhook injects a probe pod (server-side dry run).
 pub async fn install_operator(c: &Cluster) {
+    upgrade_operator(c, &[]).await;
+}
+
+/// `helm upgrade --install` with `extra` `--set` values on top (e.g. to run the webhook alone).
+pub async fn upgrade_operator(c: &Cluster, extra: &[&str]) {
     let client = c.client().await;
     let (ok, _, err) = c.kubectl(&["create", "namespace", OPERATOR_NS]);
-    assert!(ok || err.contains("AlreadyExists"), "create namespace: {err}");
+    assert!(
+        ok || err.contains("already exists") || err.contains("AlreadyExists"),
+        "create namespace: {err}"
+    );
     let (ok, _, err) = c.kubectl(&[
         "-n",
         OPERATOR_NS,
@@ -34,7 +42,7 @@ pub async fn install_operator(c: &Cluster) {
         "tailnode-credentials",
         &format!("--from-literal=api-key={}", c.headscale_api_key),
     ]);
-    assert!(ok || err.contains("AlreadyExists"), "create credentials: {err}");
+    assert!(ok || err.contains("already exists"), "create credentials: {err}");
     let (repo, tag) = split_image(&c.operator_image);
     let (srepo, stag) = split_image(&c.sidecar_image);
     let chart = support::repo_root().join("charts/tailnode");
@@ -60,9 +68,9 @@ pub async fn install_operator(c: &Cluster) {
         "--set-string".into(),
         format!("credentials.headscaleUser={}", c.headscale_user_id),
     ];
-    for s in &sets {
+    for s in sets.iter().map(String::as_str).chain(extra.iter().copied()) {
         args.push("--set".into());
-        args.push(s.clone());
+        args.push(s.to_string());
     }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let (ok, out, err) = c.run(&c.helm, &argv);

@@ -1,0 +1,89 @@
+//! The credentials gate on the real node: with the controller stopped and the webhook still
+//! serving, labelled pods stay gated (no container starts, so no interactive login, no crash
+//! loop); once the controller is back they all start and join. Runs alone, after the concurrent
+//! scenarios, because it stops the controller of the one installed operator.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use serde_json::json;
+
+use crate::cluster::{Cluster, Ns, WAIT, data, is_ready, sidecar_restarts};
+use crate::support;
+use crate::workloads::{app_container, node, upgrade_operator};
+
+/// Pods of the outage scenario (the node runs up to 60).
+const PODS: i32 = 20;
+
+fn gated(p: &Pod) -> bool {
+    tailnode::inject::is_gated(p.spec.as_ref())
+        && p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
+        && p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "PodScheduled" && c.reason.as_deref() == Some("SchedulingGated"))
+        })
+}
+
+pub async fn controller_outage(c: Cluster) {
+    upgrade_operator(&c, &["extraArgs={--controller=false}"]).await;
+    let ns = Ns::new(&c, "outage", json!({})).await;
+    node(&ns, "web", json!({"tags": ["tag:k8s"]})).await;
+    ns.create::<k8s_openapi::api::apps::v1::Deployment>(json!({"metadata": {"name": "web"}, "spec": {
+        "replicas": PODS, "selector": {"matchLabels": {"app": "web"}},
+        "template": {"metadata": {"labels": {"app": "web", "tailnode.dev/node": "web"}},
+            "spec": {"terminationGracePeriodSeconds": 2, "containers": [app_container(&c, "web")]}}}}))
+        .await;
+    let api = ns.api::<Pod>();
+    let lp = ListParams::default().labels("app=web");
+    // Every pod is admitted (the webhook serves) and reported SchedulingGated by the scheduler.
+    let all_gated = support::eventually(WAIT, || async {
+        let pods = api.list(&lp).await.ok()?.items;
+        (pods.len() == PODS as usize && pods.iter().all(gated)).then_some(pods)
+    })
+    .await;
+    let pods = all_gated.expect("the labelled pods were not all admitted and gated");
+    for p in &pods {
+        let st = p.status.clone().unwrap_or_default();
+        assert!(
+            st.init_container_statuses.iter().flatten().all(|s| s
+                .state
+                .as_ref()
+                .and_then(|x| x.running.as_ref())
+                .is_none())
+                && st.container_statuses.as_ref().is_none_or(|v| v.is_empty()),
+            "a container of a gated pod started: {st:?}"
+        );
+    }
+    // No Secret, no key: nothing was minted while the controller was away.
+    let secrets = ns
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(
+        secrets.items.iter().all(|s| data(s, "authkey").is_none()),
+        "a key was minted with the controller stopped"
+    );
+
+    // The controller comes back (the chart as installed): every pod starts once and joins.
+    let back = Instant::now();
+    upgrade_operator(&c, &[]).await;
+    let joined = support::eventually(Duration::from_secs(240), || async {
+        let pods = api.list(&lp).await.ok()?.items;
+        let ready = pods.iter().filter(|p| is_ready(p)).count();
+        (pods.len() == PODS as usize && ready == PODS as usize).then_some(pods)
+    })
+    .await;
+    let pods = joined.expect("not every pod became Ready after the controller came back");
+    let took = back.elapsed().as_secs_f64();
+    println!("controller back -> {PODS} gated pods Ready (sidecars joined): {took:.1}s");
+    for p in &pods {
+        assert_eq!(
+            sidecar_restarts(p),
+            0,
+            "a sidecar restarted: it started without its credentials"
+        );
+    }
+    ns.delete().await;
+}
