@@ -3,7 +3,7 @@
 //! nodeSelector no node matches keeps them Pending). Bounded: N pods (default 100,
 //! at most 300), 5 minutes. Prints median and p99.
 //!
-//! `cargo bench --bench pod_to_key -- [PODS]` (starts or reuses the local harness).
+//! `cargo bench --features harness --bench pod_to_key -- [PODS]` (starts or reuses the local harness).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark code: a panic is a failed run
 
 #[path = "../tests/support/mod.rs"]

@@ -4,7 +4,7 @@
 //! harness uses (RSS from /proc: control plane, node, pods). Bounded: N pods (default 10, at
 //! most 40), 5 minutes. Client clock throughout (creationTimestamp has 1 s resolution).
 //!
-//! `cargo bench --bench realnode -- [PODS]` (starts or reuses the local harness; needs root).
+//! `cargo bench --features harness --bench realnode -- [PODS]` (starts or reuses the local harness; needs root).
 //! Last line: `realnode node_ready_s=.. pods=.. scheduled_p50_s=.. running_p50_s=.. ready_p50_s=..
 //! ready_max_s=.. joined_p50_s=.. harness_rss_mb=.. pods_rss_mb=..`
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark code: a panic is a failed run

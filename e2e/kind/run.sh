@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The end-to-end scenarios on a kind cluster, for machines with Docker. The scenarios are the
-# same code as on the local real node (`cargo test --test e2e`, tests/e2e/); this script only
+# same code as on the local real node (`cargo test --features harness --test e2e`, tests/e2e/); this script only
 # makes the cluster, loads the images, runs Headscale in it, and points the scenarios at them.
 #
 #   e2e/kind/run.sh           # create (or reuse) the cluster, load images, run the scenarios
@@ -30,7 +30,7 @@ Plan (cluster '$CLUSTER'):
   2. bash e2e/local/images; kind load image-archive for the app, sidecar and operator images
   3. Headscale in the cluster: kubectl apply -f e2e/kind/headscale.yaml; user, API key;
      kubectl port-forward to 127.0.0.1:$HS_LOCAL_PORT for the scenarios' Headscale API checks
-  4. TAILNODE_E2E_EXTERNAL=1 cargo test --locked --test e2e   (the same scenarios as
+  4. TAILNODE_E2E_EXTERNAL=1 cargo test --locked --features harness --test e2e   (the same scenarios as
      e2e/local/test: they install charts/tailnode with helm, run real pods, and uninstall it)
   5. delete the cluster (unless it was reused or KEEP_CLUSTER=1)
 EOF
@@ -130,6 +130,6 @@ TAILNODE_E2E_EXTERNAL=1 \
   TAILNODE_HEADSCALE_API_KEY="$api_key" \
   TAILNODE_HEADSCALE_USER_ID="$user_id" \
   TAILNODE_E2E_ISOLATED=0 \
-  cargo test --locked --test e2e
+  cargo test --locked --features harness --test e2e
 
 log "all scenarios passed"

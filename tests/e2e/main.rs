@@ -3,7 +3,7 @@
 //! (`e2e/local/up`, started or reused) or, with `TAILNODE_E2E_EXTERNAL=1`, against whatever
 //! KUBECONFIG names with images and Headscale from `TAILNODE_E2E_*` (`e2e/kind/run.sh`).
 //!
-//!   cargo test --test e2e [-- FILTER...]
+//!   cargo test --features harness --test e2e [-- FILTER...]
 //!
 //! A custom harness (`harness = false`): the chart is installed once, the scenarios run
 //! concurrently, and the release is removed at the end, before other test binaries run.
