@@ -37,6 +37,7 @@ fn state() -> WebhookState {
         namespaces: namespaces.as_reader(),
         native_sidecars: true,
         defaults: OperatorDefaults::default(),
+        api_server_host: None,
         metrics: Arc::new(Metrics::default()),
     }
 }

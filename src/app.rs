@@ -100,6 +100,7 @@ fn inject(a: InjectArgs) -> anyhow::Result<()> {
         native_sidecars: !a.no_native_sidecars,
         pod_security: a.pod_security.into(),
         defaults: a.defaults.to_defaults(),
+        api_server_host: a.api_server_host.clone(),
         ..ClusterFacts::default()
     };
     let out = manifest::inject_manifests(&input, nodes.as_deref(), &facts)?;
@@ -206,6 +207,7 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
             namespaces: namespaces.clone(),
             native_sidecars: supports_native_sidecars(&version.major, &version.minor),
             defaults: a.operator_defaults(),
+            api_server_host: a.api_server_host.clone().filter(|h| !h.is_empty()),
             metrics: metrics.clone(),
         });
         let listener = tokio::net::TcpListener::bind(a.webhook_addr)

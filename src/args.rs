@@ -119,6 +119,10 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "TAILNODE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
+    /// The apiserver's service host as pods see it; the kubelet sets it in every pod. An IPv6
+    /// literal makes injected sidecars get a bracketed `KUBERNETES_SERVICE_HOST`.
+    #[arg(long, env = "KUBERNETES_SERVICE_HOST", hide_env_values = true)]
+    pub api_server_host: Option<String>,
     /// Operator-wide defaults for the sidecar.
     #[command(flatten)]
     pub defaults: DefaultsArgs,
@@ -203,6 +207,10 @@ pub struct InjectArgs {
     /// The target cluster cannot run native sidecars (Kubernetes older than 1.29).
     #[arg(long)]
     pub no_native_sidecars: bool,
+    /// The target cluster's `KUBERNETES_SERVICE_HOST` (`kubectl get svc kubernetes -n default`);
+    /// needed only on IPv6 clusters, where the sidecar gets a bracketed copy.
+    #[arg(long)]
+    pub api_server_host: Option<String>,
     /// Operator-wide defaults.
     #[command(flatten)]
     pub defaults: DefaultsArgs,

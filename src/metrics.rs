@@ -16,7 +16,7 @@ pub struct ReconcileLabels {
 /// Labels of an admission.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
-    /// `injected`, `skipped`, `denied` or `error`.
+    /// `injected`, `refreshed`, `skipped`, `denied` or `error`.
     pub result: &'static str,
 }
 

@@ -144,6 +144,7 @@ fn injected(pod: &Pod, spec: serde_json::Value, level: PodSecurityLevel) -> Pod 
     match inject_pod(pod, &node, &facts).unwrap() {
         Outcome::Injected { object, .. } => object,
         Outcome::Skipped(s) => panic!("not injected: {s:?}"),
+        Outcome::Refreshed { .. } => panic!("refreshed, not injected"),
     }
 }
 

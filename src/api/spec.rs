@@ -39,7 +39,9 @@ pub struct TailscaleNodeSpec {
     /// Tailscale hostname prefix. StatefulSet replicas become `<hostname>-<ordinal>`; other pods
     /// `<hostname>-<pod name>`. Defaults to the TailscaleNode's name for StatefulSets and to the
     /// pod name otherwise. The pod annotation `tailnode.dev/hostname` overrides it for one pod.
-    /// A DNS label of at most 52 characters.
+    /// A DNS label of at most 52 characters. Hostnames are kept within 63 characters: a longer
+    /// one keeps its head and ends in a 6-character hash; with a generated pod name the prefix is
+    /// shortened to leave room for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 52))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message(
@@ -298,7 +300,9 @@ pub struct SidecarSpec {
     /// Image pull policy of the sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<PullPolicy>,
-    /// Resource requests and limits of the sidecar.
+    /// Resource requests and limits of the sidecar, used exactly as given. Default: requests cpu
+    /// 10m and memory 32Mi, limit memory 256Mi, no CPU limit (so namespaces whose LimitRange or
+    /// quota demands limits admit the pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// `auto` (default): a native sidecar (an init container with `restartPolicy: Always`) where
@@ -309,7 +313,9 @@ pub struct SidecarSpec {
     /// Extra environment variables for the sidecar (added after tailnode's own).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
-    /// Port of the sidecar's health endpoint (`/healthz`) used by its probes (default 9002).
+    /// Port of the sidecar's health endpoint (`/healthz`) used by its startup, readiness and
+    /// liveness probes (default 9002). It reports whether tailscaled has a tailnet IP and never
+    /// calls the apiserver; liveness restarts the sidecar after a minute without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub health_port: Option<i32>,

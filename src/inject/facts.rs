@@ -12,6 +12,11 @@ pub struct ClusterFacts {
     pub workload: WorkloadKind,
     /// Operator-wide defaults.
     pub defaults: OperatorDefaults,
+    /// The apiserver's service host as pods see it (`KUBERNETES_SERVICE_HOST`, the same in every
+    /// namespace). The webhook reads its own at start-up; `None` when unknown (the CLI, or an
+    /// operator running outside the cluster). An IPv6 literal makes the sidecar get a bracketed
+    /// copy (see `sidecar::api_server_env`).
+    pub api_server_host: Option<String>,
 }
 
 impl Default for ClusterFacts {
@@ -21,6 +26,7 @@ impl Default for ClusterFacts {
             pod_security: PodSecurityLevel::Privileged,
             workload: WorkloadKind::Other,
             defaults: OperatorDefaults::default(),
+            api_server_host: None,
         }
     }
 }

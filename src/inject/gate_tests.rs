@@ -26,6 +26,7 @@ fn inject(p: &Pod) -> Pod {
     match inject_pod(p, &node(), &ClusterFacts::default()).unwrap() {
         Outcome::Injected { object, .. } => object,
         Outcome::Skipped(s) => panic!("skipped: {s:?}"),
+        Outcome::Refreshed { .. } => panic!("refreshed"),
     }
 }
 

@@ -3,10 +3,12 @@
 
 mod env;
 mod facts;
+mod hostname;
 mod serve;
 mod sidecar;
 
 pub use facts::{ClusterFacts, DEFAULT_IMAGE, OperatorDefaults, PodSecurityLevel, WorkloadKind};
+pub use hostname::{MAX_HOSTNAME, bound_label};
 pub use serve::{ServeConfig, render_serve_config};
 pub use sidecar::{DEFAULT_HEALTH_PORT, SERVE_DIR, SERVE_FILE};
 
@@ -15,8 +17,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sha2::{Digest, Sha256};
 
 use crate::api::{
-    CREDENTIALS_GATE, HOSTNAME_ANNOTATION, INJECTED_ANNOTATION, MODE_ANNOTATION, Mode, NODE_LABEL, NativeSidecar,
-    SIDECAR_NAME, TailscaleNode, TailscaleNodeSpec,
+    CREDENTIALS_GATE, INJECTED_ANNOTATION, MODE_ANNOTATION, Mode, NODE_LABEL, NativeSidecar, SIDECAR_NAME,
+    TailscaleNode, TailscaleNodeSpec,
 };
 
 /// Why the engine left a pod as it was.
@@ -35,6 +37,10 @@ pub enum Skip {
 pub enum Outcome<T> {
     /// The injected object and the mode that was chosen.
     Injected { object: T, mode: EffectiveMode },
+    /// A reinvocation (`reinvocationPolicy: IfNeeded`) on an object tailnode had already injected:
+    /// app containers added since (by a later webhook) got the outbound proxy env; nothing else
+    /// changed.
+    Refreshed { object: T },
     /// Nothing to do.
     Skipped(Skip),
 }
@@ -96,6 +102,14 @@ pub fn inject_pod(pod: &Pod, node: &TailscaleNode, facts: &ClusterFacts) -> Resu
             },
             mode,
         },
+        // Nothing but env changed; the gate went on at the first injection.
+        Outcome::Refreshed { object } => Outcome::Refreshed {
+            object: Pod {
+                metadata: object.metadata.unwrap_or_default(),
+                spec: object.spec,
+                status: pod.status.clone(),
+            },
+        },
         Outcome::Skipped(skip) => Outcome::Skipped(skip),
     })
 }
@@ -116,7 +130,7 @@ pub fn inject_template(
     }
     let spec = template.spec.clone().unwrap_or_default();
     if is_injected(&meta, &spec) {
-        return Ok(Outcome::Skipped(Skip::AlreadyInjected));
+        return Ok(refresh(meta, spec, &node.spec));
     }
     if spec.host_network == Some(true) {
         return Err(InjectError::HostNetwork);
@@ -136,7 +150,7 @@ pub fn inject_template(
         facts,
         mode,
         native,
-        hostname: hostname_for(&meta, &node_name, &node.spec, facts.workload),
+        hostname: hostname::hostname_for(&meta, &node_name, &node.spec, facts.workload),
         own_token: spec.automount_service_account_token == Some(false),
     };
     let mut spec = spec;
@@ -155,6 +169,33 @@ pub fn inject_template(
         },
         mode,
     })
+}
+
+/// Reinvocation on an injected object: gives the outbound proxy env (when `outbound.exportEnv`
+/// is set) to app containers that lack it, with the same merge as the first injection (a variable
+/// a container sets is kept), and changes nothing else. Idempotent: a second call finds nothing
+/// to add and skips. An object that carries the mark but not the sidecar is skipped too (its
+/// proxies would point at nothing).
+fn refresh(meta: ObjectMeta, spec: PodSpec, node: &TailscaleNodeSpec) -> Outcome<PodTemplateSpec> {
+    let skip = Outcome::Skipped(Skip::AlreadyInjected);
+    let Some(outbound) = node.outbound.as_ref().filter(|o| o.export_env) else {
+        return skip;
+    };
+    let native = spec.init_containers.iter().flatten().any(|c| c.name == SIDECAR_NAME);
+    if !native && spec.containers.iter().all(|c| c.name != SIDECAR_NAME) {
+        return skip;
+    }
+    let mut updated = spec.clone();
+    env::export_proxy_env(&mut updated, outbound, native);
+    if updated == spec {
+        return skip;
+    }
+    Outcome::Refreshed {
+        object: PodTemplateSpec {
+            metadata: Some(meta),
+            spec: Some(updated),
+        },
+    }
 }
 
 /// Adds the credentials gate to an unbound pod's spec (once).
@@ -210,26 +251,6 @@ pub fn effective_mode(
     }
 }
 
-/// The `TS_HOSTNAME` value: the pod annotation, else `<prefix>-$(TS_POD_INDEX)` for StatefulSet
-/// replicas, else `[<prefix>-]$(POD_NAME)`. `$(VAR)` references are expanded by the kubelet.
-fn hostname_for(meta: &ObjectMeta, node: &str, spec: &TailscaleNodeSpec, workload: WorkloadKind) -> String {
-    if let Some(h) = meta.annotations.as_ref().and_then(|a| a.get(HOSTNAME_ANNOTATION)) {
-        return h.clone();
-    }
-    let stateful = workload == WorkloadKind::StatefulSet
-        || meta
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| o.kind == "StatefulSet" && o.controller == Some(true));
-    match (&spec.hostname, stateful) {
-        (Some(prefix), true) => format!("{prefix}-$({})", sidecar::POD_INDEX_ENV),
-        (None, true) => format!("{node}-$({})", sidecar::POD_INDEX_ENV),
-        (Some(prefix), false) => format!("{prefix}-$(POD_NAME)"),
-        (None, false) => "$(POD_NAME)".to_string(),
-    }
-}
-
 /// A short, stable hash of everything that shaped the injected sidecar.
 pub fn spec_hash(spec: &TailscaleNodeSpec, facts: &ClusterFacts, mode: EffectiveMode, native: bool) -> String {
     let mut h = Sha256::new();
@@ -242,6 +263,8 @@ pub fn spec_hash(spec: &TailscaleNodeSpec, facts: &ClusterFacts, mode: Effective
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
+#[cfg(test)]
+mod fit_tests;
 #[cfg(test)]
 mod gate_tests;
 #[cfg(test)]

@@ -1,11 +1,15 @@
 //! Builds the `tailscale` sidecar container and the volumes it needs.
 
+use std::collections::BTreeMap;
+use std::net::Ipv6Addr;
+
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, ConfigMapVolumeSource, Container, DownwardAPIProjection, DownwardAPIVolumeFile,
     EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
-    PodSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{ClusterFacts, EffectiveMode, InjectError, env};
@@ -76,16 +80,6 @@ fn container(plan: &Plan<'_>) -> Container {
     let spec = plan.spec;
     let sidecar = spec.sidecar.clone().unwrap_or_default();
     let port = health_port(spec);
-    let probe = |period, failures| Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some("/healthz".into()),
-            port: IntOrString::Int(port),
-            ..Default::default()
-        }),
-        period_seconds: Some(period),
-        failure_threshold: Some(failures),
-        ..Default::default()
-    };
     let mut mounts = vec![mount(VOL_TMP, "/tmp", false)];
     if !spec.serve.is_empty() {
         mounts.push(mount(VOL_SERVE, SERVE_DIR, true));
@@ -101,16 +95,103 @@ fn container(plan: &Plan<'_>) -> Container {
         image: Some(sidecar.image.unwrap_or_else(|| plan.facts.defaults.image.clone())),
         image_pull_policy: sidecar.image_pull_policy.map(|p| p.as_str().to_string()),
         env: Some(env_vars(plan, port, sidecar.env)),
-        resources: sidecar.resources,
+        resources: Some(sidecar.resources.unwrap_or_else(default_resources)),
         security_context: Some(security_context(plan.mode, sidecar.privileged)),
         volume_mounts: Some(mounts),
         restart_policy: plan.native.then(|| "Always".to_string()),
         // A native sidecar gates the app on the tunnel being up; containerboot's own boot timeout
         // (60 s) restarts it first if login never completes.
-        startup_probe: plan.native.then(|| probe(1, 120)),
-        readiness_probe: Some(probe(5, 3)),
+        startup_probe: plan.native.then(|| health_probe(port, 1, 120)),
+        readiness_probe: Some(health_probe(port, 5, 3)),
+        liveness_probe: Some(liveness_probe(port, plan.native)),
         ..Default::default()
     }
+}
+
+fn health_probe(port: i32, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/healthz".into()),
+            port: IntOrString::Int(port),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+/// Seconds between liveness checks, and failed checks in a row before the kubelet restarts the
+/// sidecar: a minute without a tailnet IP.
+pub(super) const LIVENESS_PERIOD: i32 = 10;
+/// See [`LIVENESS_PERIOD`].
+pub(super) const LIVENESS_FAILURES: i32 = 6;
+
+/// The sidecar's liveness probe: containerboot's `/healthz` on the health port.
+///
+/// `/healthz` answers 200 while tailscaled's current netmap gives the node a tailnet IP, else
+/// 503 (tailscale.com v1.102.5, `kube/health/healthz.go`, `Healthz.ServeHTTP`, updated from
+/// `cmd/containerboot/main.go`). It never calls the apiserver, so an apiserver outage cannot
+/// restart sidecars. tailscaled keeps its last netmap while the control server (Tailscale or
+/// Headscale) is unreachable, so a control hiccup does not fail it either; only a node that lost
+/// its addresses does. The thresholds are generous all the same: one check every 10 s, a restart
+/// after 6 failures in a row (a minute), each check allowed 5 s. A native sidecar's startup probe
+/// (2 minutes) covers start-up and liveness begins after it; a regular sidecar has no startup
+/// probe, so its liveness waits 60 s first — containerboot's own `TS_BOOT_TIMEOUT` — and a slow
+/// login ends by containerboot's exit, not by the kubelet.
+pub(super) fn liveness_probe(port: i32, native: bool) -> Probe {
+    Probe {
+        timeout_seconds: Some(5),
+        initial_delay_seconds: (!native).then_some(60),
+        ..health_probe(port, LIVENESS_PERIOD, LIVENESS_FAILURES)
+    }
+}
+
+/// Requests and limits of a sidecar whose TailscaleNode sets no `sidecar.resources` (set ones are
+/// used exactly as written, nothing merged). Small requests (cpu 10m, memory 32Mi) so the sidecar
+/// schedules anywhere, and a memory limit (256Mi, well above a userspace tailscaled's usual
+/// 30–80Mi) so namespaces whose LimitRange or ResourceQuota demands limits admit the pod. No CPU
+/// limit: throttling a network data path hurts latency, and no quota needs one unless it caps
+/// `limits.cpu`; such a namespace can set `sidecar.resources`.
+pub(super) fn default_resources() -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.to_string());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), q("10m")),
+            ("memory".to_string(), q("32Mi")),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), q("256Mi"))])),
+        claims: None,
+    }
+}
+
+/// Environment that makes the sidecar reach the apiserver by its service address, with no
+/// cluster DNS.
+///
+/// With `TS_KUBERNETES_READ_API_SERVER_ADDRESS_FROM_ENV=true`, containerboot and tailscaled's
+/// Secret state store build the URL as
+/// `fmt.Sprintf("https://%s:%s", KUBERNETES_SERVICE_HOST, KUBERNETES_SERVICE_PORT_HTTPS)`
+/// (tailscale.com v1.102.5: `cmd/containerboot/kube.go`, `newKubeClient`, and
+/// `ipn/store/kubestore/store_kube.go`, `newClient`), without brackets, so an IPv6 service host
+/// such as `fd00::1` gives `https://fd00::1:443`, which Go's `net/url` rejects ("invalid port
+/// \":10:96::1:443\" after host" for `fd00:10:96::1`). For an IPv6 host the sidecar
+/// therefore gets its own `KUBERNETES_SERVICE_HOST=[fd00::1]` (a variable the container declares
+/// wins over the kubelet's service variables), which gives `https://[fd00::1]:443`. Nothing else
+/// in that release reads the variable except to test that it is set (`settings.go`,
+/// `hostinfo.go`). An IPv4 or unknown host leaves the kubelet's value alone.
+pub(super) fn api_server_env(host: Option<&str>) -> Vec<EnvVar> {
+    let mut env = Vec::new();
+    if let Some(bracketed) = host.and_then(bracketed_ipv6) {
+        env.push(value("KUBERNETES_SERVICE_HOST", bracketed));
+    }
+    env.push(value("TS_KUBERNETES_READ_API_SERVER_ADDRESS_FROM_ENV", "true"));
+    env
+}
+
+/// `[addr]` for an IPv6 literal (bare or already bracketed), `None` for anything else.
+pub(super) fn bracketed_ipv6(host: &str) -> Option<String> {
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    bare.parse::<Ipv6Addr>().ok().map(|addr| format!("[{addr}]"))
 }
 
 fn value(name: &str, value: impl Into<String>) -> EnvVar {
@@ -198,7 +279,7 @@ fn env_vars(plan: &Plan<'_>, health_port: i32, extra: Vec<EnvVar>) -> Vec<EnvVar
         env.push(value("TS_ROUTES", routes.advertise.join(",")));
     }
     env.push(value("TS_ACCEPT_DNS", "false"));
-    env.push(value("TS_KUBERNETES_READ_API_SERVER_ADDRESS_FROM_ENV", "true"));
+    env.extend(api_server_env(plan.facts.api_server_host.as_deref()));
     env.push(value("TS_ENABLE_HEALTH_CHECK", "true"));
     env.push(value("TS_LOCAL_ADDR_PORT", format!("[::]:{health_port}")));
     if let Some(out) = &spec.outbound {

@@ -5,7 +5,7 @@ use serde_json::json;
 use super::*;
 use crate::api::TailscaleNode;
 
-fn node(spec: serde_json::Value) -> TailscaleNode {
+pub(super) fn node(spec: serde_json::Value) -> TailscaleNode {
     serde_json::from_value(json!({
         "apiVersion": "tailnode.dev/v1alpha1", "kind": "TailscaleNode",
         "metadata": {"name": "web", "namespace": "apps"}, "spec": spec,
@@ -13,7 +13,7 @@ fn node(spec: serde_json::Value) -> TailscaleNode {
     .unwrap()
 }
 
-fn pod(extra: serde_json::Value) -> Pod {
+pub(super) fn pod(extra: serde_json::Value) -> Pod {
     let mut base = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"generateName": "web-7d9f8c-", "namespace": "apps",
@@ -27,7 +27,7 @@ fn pod(extra: serde_json::Value) -> Pod {
     serde_json::from_value(base).unwrap()
 }
 
-fn facts(level: PodSecurityLevel, native: bool) -> ClusterFacts {
+pub(super) fn facts(level: PodSecurityLevel, native: bool) -> ClusterFacts {
     ClusterFacts {
         native_sidecars: native,
         pod_security: level,
@@ -35,14 +35,15 @@ fn facts(level: PodSecurityLevel, native: bool) -> ClusterFacts {
     }
 }
 
-fn injected(p: &Pod, n: &TailscaleNode, f: &ClusterFacts) -> (Pod, EffectiveMode) {
+pub(super) fn injected(p: &Pod, n: &TailscaleNode, f: &ClusterFacts) -> (Pod, EffectiveMode) {
     match inject_pod(p, n, f).unwrap() {
         Outcome::Injected { object, mode } => (object, mode),
         Outcome::Skipped(s) => panic!("skipped: {s:?}"),
+        Outcome::Refreshed { .. } => panic!("refreshed"),
     }
 }
 
-fn sidecar(p: &Pod) -> &Container {
+pub(super) fn sidecar(p: &Pod) -> &Container {
     let spec = p.spec.as_ref().unwrap();
     spec.init_containers
         .iter()
@@ -52,11 +53,11 @@ fn sidecar(p: &Pod) -> &Container {
         .unwrap()
 }
 
-fn env_of<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
+pub(super) fn env_of<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
     c.env.iter().flatten().find(|e| e.name == name)
 }
 
-fn env_value(c: &Container, name: &str) -> Option<String> {
+pub(super) fn env_value(c: &Container, name: &str) -> Option<String> {
     env_of(c, name).and_then(|e| e.value.clone())
 }
 

@@ -228,14 +228,12 @@ fn inject_value(
         at: at.to_string(),
         source,
     })? {
-        Outcome::Injected { object, .. } => {
-            serde_yaml::to_value(&object)
-                .map(Some)
-                .map_err(|source| ManifestError::Render {
-                    at: at.to_string(),
-                    source,
-                })
-        }
+        Outcome::Injected { object, .. } | Outcome::Refreshed { object } => serde_yaml::to_value(&object)
+            .map(Some)
+            .map_err(|source| ManifestError::Render {
+                at: at.to_string(),
+                source,
+            }),
         Outcome::Skipped(Skip::AlreadyInjected | Skip::NotOptedIn | Skip::OtherNode(_)) => Ok(None),
     }
 }

@@ -22,6 +22,8 @@ pub struct WebhookState {
     pub native_sidecars: bool,
     /// Operator defaults.
     pub defaults: OperatorDefaults,
+    /// The apiserver's service host as pods see it (the webhook's own `KUBERNETES_SERVICE_HOST`).
+    pub api_server_host: Option<String>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -33,7 +35,8 @@ fn deny(req: &AdmissionRequest<DynamicObject>, message: String) -> AdmissionRevi
 }
 
 /// Answers one AdmissionReview (raw JSON). Returns the review and a bounded result label:
-/// `injected`, `skipped`, `denied` or `error`.
+/// `injected`, `refreshed` (a reinvocation gave later-added containers the proxy env),
+/// `skipped`, `denied` or `error`.
 pub fn review(state: &WebhookState, body: &[u8]) -> (AdmissionReview<DynamicObject>, &'static str) {
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(r) => r,
@@ -94,27 +97,45 @@ pub fn review(state: &WebhookState, body: &[u8]) -> (AdmissionReview<DynamicObje
         pod_security: PodSecurityLevel::from_label(level.as_deref()),
         workload: WorkloadKind::Other,
         defaults: state.defaults.clone(),
+        api_server_host: state.api_server_host.clone(),
     };
     match inject_pod(&pod, &node, &facts) {
         Ok(Outcome::Skipped(_)) => (AdmissionResponse::from(&req).into_review(), "skipped"),
         Ok(Outcome::Injected { object, mode }) => {
-            let before = serde_json::to_value(&pod);
-            let after = serde_json::to_value(&object);
-            let (Ok(before), Ok(after)) = (before, after) else {
-                return (deny(&req, "tailnode: could not serialise the pod".into()), "error");
-            };
-            let patch = json_patch::diff(&before, &after);
-            match AdmissionResponse::from(&req).with_patch(patch) {
-                Ok(resp) => {
-                    info!(node = %node_name, mode = mode.as_str(), "injected sidecar");
-                    (resp.into_review(), "injected")
-                }
-                Err(e) => (
-                    deny(&req, format!("tailnode: could not encode the patch: {e}")),
-                    "error",
-                ),
+            let reply = patched(&req, &pod, &object, "injected");
+            if reply.1 == "injected" {
+                info!(node = %node_name, mode = mode.as_str(), "injected sidecar");
             }
+            reply
+        }
+        Ok(Outcome::Refreshed { object }) => {
+            let reply = patched(&req, &pod, &object, "refreshed");
+            if reply.1 == "refreshed" {
+                info!(node = %node_name, "gave proxy env to containers added since injection");
+            }
+            reply
         }
         Err(e) => (deny(&req, format!("tailnode: {e}")), "denied"),
+    }
+}
+
+/// Allows the pod with the JSONPatch from `before` to `after`, both serialised through the same
+/// typed Pod. An empty diff is a plain allow without a patch, labelled `skipped`.
+fn patched(
+    req: &AdmissionRequest<DynamicObject>,
+    before: &Pod,
+    after: &Pod,
+    label: &'static str,
+) -> (AdmissionReview<DynamicObject>, &'static str) {
+    let (Ok(before), Ok(after)) = (serde_json::to_value(before), serde_json::to_value(after)) else {
+        return (deny(req, "tailnode: could not serialise the pod".into()), "error");
+    };
+    let patch = json_patch::diff(&before, &after);
+    if patch.0.is_empty() {
+        return (AdmissionResponse::from(req).into_review(), "skipped");
+    }
+    match AdmissionResponse::from(req).with_patch(patch) {
+        Ok(resp) => (resp.into_review(), label),
+        Err(e) => (deny(req, format!("tailnode: could not encode the patch: {e}")), "error"),
     }
 }

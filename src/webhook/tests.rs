@@ -27,6 +27,7 @@ fn state(level: Option<&str>) -> WebhookState {
         namespaces: namespaces.as_reader(),
         native_sidecars: true,
         defaults: OperatorDefaults::default(),
+        api_server_host: None,
         metrics: std::sync::Arc::new(Metrics::default()),
     }
 }
@@ -187,4 +188,71 @@ fn native_sidecar_support_by_version() {
     assert!(supports_native_sidecars("1", "36+"));
     assert!(!supports_native_sidecars("1", "28"));
     assert!(!supports_native_sidecars("x", "y"));
+}
+
+fn exporting_state(api_server_host: Option<&str>) -> WebhookState {
+    let mut w = Writer::<TailscaleNode>::default();
+    let node: TailscaleNode = serde_json::from_value(json!({"apiVersion": "tailnode.dev/v1alpha1",
+        "kind": "TailscaleNode", "metadata": {"name": "web", "namespace": "apps"},
+        "spec": {"mode": "userspace", "outbound": {"socks5Port": 1055, "exportEnv": true}}}))
+    .unwrap();
+    w.apply_watcher_event(&Event::Apply(node));
+    WebhookState {
+        nodes: w.as_reader(),
+        api_server_host: api_server_host.map(str::to_string),
+        ..state(None)
+    }
+}
+
+/// Runs one review of `doc` and applies its patch (if any); returns the result label and the doc.
+fn admit(s: &WebhookState, doc: &Value) -> (&'static str, Value, Option<json_patch::Patch>) {
+    let (out, result) = review(s, &request(doc.clone(), "CREATE", pod_kind()));
+    let resp = response(&out);
+    assert_eq!(resp["allowed"], true, "{resp}");
+    if resp.get("patch").is_none() || resp["patch"].is_null() {
+        return (result, doc.clone(), None);
+    }
+    let patch: json_patch::Patch = serde_json::from_slice(&patch_bytes(&resp)).unwrap();
+    let mut next = doc.clone();
+    json_patch::patch(&mut next, &patch).unwrap();
+    (result, next, Some(patch))
+}
+
+#[test]
+fn reinvocation_patches_only_the_env_of_containers_added_since() {
+    let s = exporting_state(None);
+    let (result, injected, _) = admit(&s, &pod(Some("web")));
+    assert_eq!(result, "injected");
+    // Reinvoked with nothing new: allowed, no patch.
+    let (result, same, patch) = admit(&s, &injected);
+    assert_eq!((result, patch), ("skipped", None));
+    assert_eq!(same, injected);
+    // A later webhook added a container: only its env is patched in.
+    let mut added = injected.clone();
+    added["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "late", "image": "late"}));
+    let (result, refreshed, patch) = admit(&s, &added);
+    assert_eq!(result, "refreshed");
+    let ops = serde_json::to_value(patch.unwrap()).unwrap();
+    assert_eq!(ops.as_array().unwrap().len(), 1, "{ops}");
+    assert_eq!(ops[0]["path"], "/spec/containers/1/env");
+    assert_eq!(refreshed["spec"]["containers"][1]["env"][0]["name"], "ALL_PROXY");
+    let mut back = refreshed.clone();
+    back["spec"]["containers"][1].as_object_mut().unwrap().remove("env");
+    assert_eq!(back, added, "nothing else changed");
+    // And again: nothing to do.
+    let (result, _, patch) = admit(&s, &refreshed);
+    assert_eq!((result, patch), ("skipped", None));
+}
+
+#[test]
+fn an_ipv6_apiserver_host_reaches_the_sidecar_bracketed() {
+    let (_, doc, _) = admit(&exporting_state(Some("fd00:10:96::1")), &pod(Some("web")));
+    let env = doc["spec"]["initContainers"][0]["env"].as_array().unwrap().clone();
+    assert!(env.contains(&json!({"name": "KUBERNETES_SERVICE_HOST", "value": "[fd00:10:96::1]"})));
+    let (_, doc, _) = admit(&exporting_state(Some("10.96.0.1")), &pod(Some("web")));
+    let env = doc["spec"]["initContainers"][0]["env"].as_array().unwrap().clone();
+    assert!(env.iter().all(|e| e["name"] != "KUBERNETES_SERVICE_HOST"));
 }
