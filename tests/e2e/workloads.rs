@@ -199,6 +199,26 @@ pub async fn member_get(c: &Cluster, ns: &Ns, member: &str, ip: &str, port: u16,
     let cmd = format!(
         "(printf 'GET / HTTP/1.0\\r\\n\\r\\n'; sleep 2) | timeout 8 tailscale --socket=/tmp/ts.sock nc {ip} {port}"
     );
-    c.exec_until(&ns.name, member, "member", &["sh", "-c", &cmd], want)
-        .await
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (ok, out, err) = c.exec(&ns.name, member, "member", &["sh", "-c", &cmd]);
+        if ok && out.contains(want) {
+            return out;
+        }
+        if std::time::Instant::now() > deadline {
+            // What the member knows of the peer, for the failure message.
+            let ts = |args: &[&str]| {
+                let mut all = vec!["tailscale", "--socket=/tmp/ts.sock"];
+                all.extend_from_slice(args);
+                let (_, o, e) = c.exec(&ns.name, member, "member", &all);
+                format!("{o}{e}")
+            };
+            panic!(
+                "member {member} never got {want:?} from {ip}:{port}: ok={ok}\n{out}\n{err}\n--- status:\n{}\n--- ping:\n{}",
+                ts(&["status"]),
+                ts(&["ping", "-c", "3", "--timeout", "3s", ip]),
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    }
 }
