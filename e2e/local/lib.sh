@@ -22,7 +22,7 @@ harness=$(realpath -m "${TAILNODE_HARNESS_DIR:-$repo/.harness}")
 
 # Every process the harness starts (down stops kube-controller-manager before the apiserver, etcd last).
 # shellcheck disable=SC2034 # used by up and down
-harness_procs=(kubelet kube-scheduler headscale kube-controller-manager kube-apiserver etcd containerd)
+harness_procs=(kubelet kube-scheduler tlsproxy headscale kube-controller-manager kube-apiserver etcd containerd)
 
 # Paths end up unquoted in the env file and in YAML; refuse anything exotic rather than quote.
 case $harness in
