@@ -153,18 +153,7 @@ impl HeadscaleApi {
         if !resp.status().is_success() {
             return Err(retry::error_for(resp).await);
         }
-        let list: UserList = retry::read_json(resp).await?;
-        let user = list
-            .users
-            .into_iter()
-            .find(|u| u.name == name)
-            .ok_or_else(|| ApiError::BadRequest {
-                message: format!("Headscale has no user named {name:?}"),
-            })?;
-        let id = user
-            .id
-            .parse::<u64>()
-            .map_err(|_| ApiError::Decode("Headscale user id is not a number".to_owned()))?;
+        let id = parse_user_id(&retry::read_body(resp).await?, name)?;
         tracing::debug!(api = API, user = name, user_id = id, "resolved Headscale user");
         Ok(id)
     }
@@ -189,10 +178,13 @@ impl HeadscaleApi {
         if !resp.status().is_success() {
             return Err(retry::error_for(resp).await);
         }
-        let answer: CreateAnswer = retry::read_json(resp).await?;
-        let PreAuthKey { id, key } = answer.pre_auth_key;
-        tracing::debug!(api = API, key_id = id.as_deref().unwrap_or(""), "minted pre-auth key");
-        Ok(MintedKey { key, id })
+        let minted = parse_preauth_key(&retry::read_body(resp).await?)?;
+        tracing::debug!(
+            api = API,
+            key_id = minted.id.as_deref().unwrap_or(""),
+            "minted pre-auth key"
+        );
+        Ok(minted)
     }
 
     async fn delete(&self, device_id: &str) -> Result<bool, ApiError> {
@@ -208,6 +200,28 @@ impl HeadscaleApi {
         .await?;
         retry::gone(resp, API, &id).await
     }
+}
+
+/// PURE: the numeric id of the user called `name` in the answer of `GET /api/v1/user?name=`.
+pub fn parse_user_id(body: &[u8], name: &str) -> Result<u64, ApiError> {
+    let list: UserList = retry::decode_json(body)?;
+    let user = list
+        .users
+        .into_iter()
+        .find(|u| u.name == name)
+        .ok_or_else(|| ApiError::BadRequest {
+            message: format!("Headscale has no user named {name:?}"),
+        })?;
+    user.id
+        .parse::<u64>()
+        .map_err(|_| ApiError::Decode("Headscale user id is not a number".to_owned()))
+}
+
+/// PURE: reads the answer of `POST /api/v1/preauthkey`.
+pub fn parse_preauth_key(body: &[u8]) -> Result<MintedKey, ApiError> {
+    let answer: CreateAnswer = retry::decode_json(body)?;
+    let PreAuthKey { id, key } = answer.pre_auth_key;
+    Ok(MintedKey { key, id })
 }
 
 /// `now + expiry` in RFC 3339 (seconds, `Z`), or `None` when it is not a representable date.

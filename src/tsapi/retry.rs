@@ -181,8 +181,6 @@ where
     }
 }
 
-/// Maps an unsuccessful, non-retried answer to an error: 400 → `BadRequest`, 401/403 →
-/// `Unauthorized`, anything else → `Server`.
 /// A DELETE answer: success and 404 both mean the object is gone (`Ok(true)`).
 pub(crate) async fn gone(resp: Response, api: &'static str, id: &str) -> Result<bool, ApiError> {
     let status = resp.status();
@@ -198,26 +196,36 @@ pub(crate) async fn gone(resp: Response, api: &'static str, id: &str) -> Result<
     Err(error_for(resp).await)
 }
 
+/// Maps an unsuccessful, non-retried answer to an error; see [`error_from`].
 pub(crate) async fn error_for(resp: Response) -> ApiError {
-    let status = resp.status();
-    let message = message_of(resp).await;
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap_or_default();
+    error_from(status, &body)
+}
+
+/// PURE: an unsuccessful answer's status and body as an error: 400 → `BadRequest`, 401/403 →
+/// `Unauthorized`, anything else → `Server`, each with [`message_from`] the body.
+pub fn error_from(status: u16, body: &str) -> ApiError {
+    let message = message_from(body);
     match status {
-        StatusCode::BAD_REQUEST => ApiError::BadRequest { message },
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ApiError::Unauthorized {
-            status: status.as_u16(),
-            message,
-        },
-        _ => ApiError::Server {
-            status: status.as_u16(),
-            message,
-        },
+        400 => ApiError::BadRequest { message },
+        401 | 403 => ApiError::Unauthorized { status, message },
+        _ => ApiError::Server { status, message },
     }
 }
 
-/// Reads a JSON answer. The error names the position only, never the text, which may hold a key.
-pub(crate) async fn read_json<T: DeserializeOwned>(resp: Response) -> Result<T, ApiError> {
-    let bytes = resp.bytes().await.map_err(|e| ApiError::Transport(error_chain(&e)))?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+/// Reads an answer's body.
+pub(crate) async fn read_body(resp: Response) -> Result<Vec<u8>, ApiError> {
+    resp.bytes()
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|e| ApiError::Transport(error_chain(&e)))
+}
+
+/// PURE: decodes a JSON answer body. The error names the position only, never the text, which
+/// may hold a key.
+pub fn decode_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
         ApiError::Decode(format!(
             "{:?} error at line {} column {}",
             e.classify(),
@@ -227,12 +235,16 @@ pub(crate) async fn read_json<T: DeserializeOwned>(resp: Response) -> Result<T, 
     })
 }
 
-/// The error text of an answer: its JSON `message` field (Tailscale and Headscale both use it),
-/// else the start of the body.
+/// The error text of an answer; see [`message_from`].
 async fn message_of(resp: Response) -> String {
+    message_from(&resp.text().await.unwrap_or_default())
+}
+
+/// PURE: the error text of an answer body: its JSON `message` field (Tailscale and Headscale
+/// both use it), else the start of the body (at most 200 characters).
+pub fn message_from(text: &str) -> String {
     const MAX: usize = 200;
-    let text = resp.text().await.unwrap_or_default();
-    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&text)
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(text)
         && let Some(serde_json::Value::String(message)) = map.get("message")
     {
         return message.clone();
@@ -333,5 +345,23 @@ mod tests {
         assert_eq!(url.as_str(), "http://127.0.0.1:9/prefix/device/a%2Fb%20c");
         assert!(parse_base("mailto:x@y").is_err());
         assert!(parse_base("not a url").is_err());
+    }
+
+    #[test]
+    fn maps_error_answers() {
+        let e = error_from(400, r#"{"message":"tags not owned"}"#);
+        assert!(matches!(e, ApiError::BadRequest { ref message } if message == "tags not owned"));
+        let e = error_from(403, "  forbidden\n");
+        assert!(matches!(e, ApiError::Unauthorized { status: 403, ref message } if message == "forbidden"));
+        let e = error_from(418, &"é".repeat(300));
+        assert!(matches!(e, ApiError::Server { status: 418, ref message } if message.chars().count() == 201));
+        // A `message` that is not a string falls back to the body.
+        assert_eq!(message_from(r#"{"message":7}"#), r#"{"message":7}"#);
+    }
+
+    #[test]
+    fn decode_errors_name_the_position_not_the_text() {
+        let e = decode_json::<serde_json::Value>(b"{\"key\": tskey-secret").unwrap_err();
+        assert!(matches!(e, ApiError::Decode(ref m) if !m.contains("tskey") && m.contains("line 1")));
     }
 }

@@ -176,12 +176,10 @@ impl TailscaleApi {
         if !resp.status().is_success() {
             return Err(retry::error_for(resp).await);
         }
-        let answer: TokenAnswer = retry::read_json(resp).await?;
-        // Capped at a day so that a wild `expires_in` cannot overflow the clock.
-        let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(3600).min(86_400));
+        let AccessToken { token, lifetime } = parse_token_answer(&retry::read_body(resp).await?)?;
         tracing::debug!(api = API, lifetime_s = lifetime.as_secs(), "fetched OAuth access token");
         Ok(CachedToken {
-            token: answer.access_token,
+            token,
             refresh_at: Instant::now() + usable_for(lifetime),
         })
     }
@@ -220,16 +218,13 @@ impl TailscaleApi {
         if !resp.status().is_success() {
             return Err(retry::error_for(resp).await);
         }
-        let answer: KeyAnswer = retry::read_json(resp).await?;
+        let minted = parse_key_answer(&retry::read_body(resp).await?)?;
         tracing::debug!(
             api = API,
-            key_id = answer.id.as_deref().unwrap_or(""),
+            key_id = minted.id.as_deref().unwrap_or(""),
             "minted auth key"
         );
-        Ok(MintedKey {
-            key: answer.key,
-            id: answer.id,
-        })
+        Ok(minted)
     }
 
     async fn delete(&self, device_id: &str) -> Result<bool, ApiError> {
@@ -253,6 +248,44 @@ impl KeyApi for TailscaleApi {
     fn kind(&self) -> &'static str {
         API
     }
+}
+
+/// An OAuth access token and how long it is valid. `token` is a secret: never log it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken {
+    /// The bearer token.
+    pub token: String,
+    /// Its lifetime: `expires_in`, default an hour, capped at a day.
+    pub lifetime: Duration,
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("token", &"<redacted>")
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
+}
+
+/// PURE: reads the answer of `POST /api/v2/oauth/token`.
+pub fn parse_token_answer(body: &[u8]) -> Result<AccessToken, ApiError> {
+    let answer: TokenAnswer = retry::decode_json(body)?;
+    // Capped at a day so that a wild `expires_in` cannot overflow the clock.
+    let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(3600).min(86_400));
+    Ok(AccessToken {
+        token: answer.access_token,
+        lifetime,
+    })
+}
+
+/// PURE: reads the answer of `POST /api/v2/tailnet/{tailnet}/keys`.
+pub fn parse_key_answer(body: &[u8]) -> Result<MintedKey, ApiError> {
+    let answer: KeyAnswer = retry::decode_json(body)?;
+    Ok(MintedKey {
+        key: answer.key,
+        id: answer.id,
+    })
 }
 
 /// How long a token of this lifetime is used: the lifetime minus a margin of a quarter of it,

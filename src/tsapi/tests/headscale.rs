@@ -333,3 +333,33 @@ async fn real_headscale_when_available() {
     assert!(minted.id.is_some());
     assert!(api.delete_device("999999").await.unwrap());
 }
+
+#[test]
+fn parses_user_and_preauth_key_answers() {
+    use crate::tsapi::headscale::{parse_preauth_key, parse_user_id};
+    let users = br#"{"users":[{"id":"1","name":"tailnode-x"},{"id":"7","name":"tailnode","createdAt":"2026-01-01T00:00:00Z"}]}"#;
+    assert_eq!(parse_user_id(users, "tailnode").unwrap(), 7);
+    assert!(matches!(
+        parse_user_id(users, "nobody"),
+        Err(ApiError::BadRequest { .. })
+    ));
+    assert!(matches!(
+        parse_user_id(br#"{}"#, "tailnode"),
+        Err(ApiError::BadRequest { .. })
+    ));
+    assert!(matches!(
+        parse_user_id(br#"{"users":[{"id":"-1","name":"tailnode"}]}"#, "tailnode"),
+        Err(ApiError::Decode(_))
+    ));
+    assert!(matches!(parse_user_id(b"<html>", "tailnode"), Err(ApiError::Decode(_))));
+
+    let key = parse_preauth_key(
+        br#"{"preAuthKey":{"user":{"id":"7"},"id":"3","key":"hskey-auth-x","reusable":false,"aclTags":["tag:k8s"]}}"#,
+    )
+    .unwrap();
+    assert_eq!((key.key.as_str(), key.id.as_deref()), ("hskey-auth-x", Some("3")));
+    assert!(matches!(
+        parse_preauth_key(br#"{"preAuthKey":{}}"#),
+        Err(ApiError::Decode(_))
+    ));
+}

@@ -317,3 +317,39 @@ fn debug_output_hides_the_secret() {
     bad.base_url = "api.tailscale.com".into();
     assert!(TailscaleApi::new(bad).is_err());
 }
+
+#[test]
+fn parses_token_and_key_answers() {
+    use crate::tsapi::tailscale::{parse_key_answer, parse_token_answer};
+    let t = parse_token_answer(
+        br#"{"access_token":"tskey-api-x","token_type":"Bearer","expires_in":3600,"scope":"auth_keys"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (t.token.as_str(), t.lifetime),
+        ("tskey-api-x", Duration::from_secs(3600))
+    );
+    assert!(!format!("{t:?}").contains("tskey"));
+    // No lifetime: an hour; a wild one: capped at a day.
+    let t = parse_token_answer(br#"{"access_token":"a"}"#).unwrap();
+    assert_eq!(t.lifetime, Duration::from_secs(3600));
+    let t = parse_token_answer(br#"{"access_token":"a","expires_in":18446744073709551615}"#).unwrap();
+    assert_eq!(t.lifetime, Duration::from_secs(86_400));
+    assert!(matches!(
+        parse_token_answer(br#"{"expires_in":1}"#),
+        Err(ApiError::Decode(_))
+    ));
+    assert!(matches!(
+        parse_token_answer(br#"{"access_token":"a","expires_in":-1}"#),
+        Err(ApiError::Decode(_))
+    ));
+
+    let k = parse_key_answer(br#"{"id":"k123","key":"tskey-auth-k123-x","created":"2026-01-01T00:00:00Z"}"#).unwrap();
+    assert_eq!((k.key.as_str(), k.id.as_deref()), ("tskey-auth-k123-x", Some("k123")));
+    let k = parse_key_answer(br#"{"key":"k"}"#).unwrap();
+    assert_eq!(k.id, None);
+    match parse_key_answer(br#"{"id":"k1","key":null}"#) {
+        Err(ApiError::Decode(m)) => assert!(!m.contains("k1"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
