@@ -29,9 +29,12 @@ export PATH="$tools/bin:$PATH"
 export RUSTC_BOOTSTRAP=1
 
 cd "$repo"
-# The fuzz crate builds into fuzz/target whatever CARGO_TARGET_DIR says: its flags differ from
-# the main crate's, so sharing a target dir would only rebuild both.
-target_dir="$here/target"
+# The fuzz crate builds into a target dir of its own, whatever CARGO_TARGET_DIR says: its flags
+# differ from the main crate's, so sharing one would only rebuild both. It lives in the machine's
+# cache (like the Go build cache), so a fresh clone rebuilds only tailnode itself, not every
+# sanitizer-instrumented dependency; TAILNODE_FUZZ_TARGET_DIR overrides it.
+target_dir=${TAILNODE_FUZZ_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tailnode/fuzz-target}
+mkdir -p "$target_dir"
 echo "fuzz: building the targets" >&2
 cargo fuzz build --fuzz-dir "$here" --target-dir "$target_dir" >&2
 
