@@ -42,6 +42,9 @@ fn run(u: &mut Unstructured) -> arbitrary::Result<()> {
             control_url: if u.ratio(1, 4)? { Some(word(u)?) } else { None },
             no_logs_no_support: u.arbitrary()?,
         },
+        api_server_host: u
+            .choose(&[None, Some("10.96.0.1".to_string()), Some("fd00::1".to_string())])?
+            .clone(),
     };
     if let Ok(Outcome::Injected { object, .. }) = inject_pod(&pod, &node, &facts) {
         let spec = object.spec.as_ref().expect("an injected pod has a spec");

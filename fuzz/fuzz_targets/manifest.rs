@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
         pod_security,
         workload: WorkloadKind::Other,
         defaults: OperatorDefaults::default(),
+        api_server_host: None,
     };
     if let Ok(out) = inject_manifests(input, nodes, &facts) {
         for doc in serde_yaml::Deserializer::from_str(&out) {

@@ -332,6 +332,7 @@ pub fn webhook_state(
         namespaces: namespaces.as_reader(),
         native_sidecars: true,
         defaults: tailnode::inject::OperatorDefaults::default(),
+        api_server_host: None,
         metrics,
     }
 }
@@ -341,7 +342,7 @@ pub fn webhook_state(
 pub fn check_review(body: &[u8], state: &tailnode::webhook::WebhookState) {
     let (out, label) = tailnode::webhook::review(state, body);
     assert!(
-        matches!(label, "injected" | "skipped" | "denied" | "error"),
+        matches!(label, "injected" | "refreshed" | "skipped" | "denied" | "error"),
         "label {label}"
     );
     let Some(response) = out.response.as_ref() else {
