@@ -36,13 +36,46 @@ node_render() { # node_render TEMPLATE OUT
     "$lib_here/node/$1" >"$2"
 }
 
-# The bridge with the node IP and the apiserver's ClusterIP. Refuses a bridge of another harness.
+# Which harness dir made the bridge; a harness that finds the bridge reads it to tell a live owner
+# from a dead one (a machine restored from a snapshot, a killed run).
+node_bridge_owner=/run/tailnode-e2e.bridge-owner
+
+# node_bridge_in_use: something of a live harness still serves on the bridge, or the recorded owner
+# still has a live process.
+node_bridge_in_use() {
+  if ss -ltnH "( src $node_apiserver_ip:443 or src $node_ip:8080 )" 2>/dev/null | grep -q .; then
+    return 0
+  fi
+  local owner p
+  owner=$(cat "$node_bridge_owner" 2>/dev/null) || return 1
+  [ -d "$owner/pids" ] || return 1
+  for p in "$owner"/pids/*; do
+    [ -f "$p" ] || continue
+    if kill -0 "$(cat "$p")" 2>/dev/null; then return 0; fi
+  done
+  return 1
+}
+
+# The bridge with the node IP and the apiserver's ClusterIP. Refuses the bridge of a live harness;
+# takes over (and cleans up after) the bridge of a dead one.
 node_bridge_up() {
   if ip link show "$node_bridge" >/dev/null 2>&1; then
-    echo "[node] $node_bridge already exists: another harness owns it (run its e2e/local/down)" >&2
-    return 1
+    if node_bridge_in_use; then
+      echo "[node] $node_bridge already exists: another harness owns it (run its e2e/local/down)" >&2
+      return 1
+    fi
+    local owner m
+    owner=$(cat "$node_bridge_owner" 2>/dev/null || true)
+    echo "[node] $node_bridge is left over from a harness that is not running (${owner:-owner unknown}); removing it" >&2
+    if [ -n "$owner" ] && [ "$owner" != / ]; then
+      awk -v r="$owner/" 'index($5, r) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
+        umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+      done
+    fi
+    ip link del "$node_bridge"
   fi
   ip link add "$node_bridge" type bridge
+  echo "$harness" >"$node_bridge_owner"
   ip addr add "$node_ip/25" dev "$node_bridge"
   ip addr add "$node_apiserver_ip/32" dev "$node_bridge"
   ip link set "$node_bridge" up
@@ -119,7 +152,12 @@ node_cleanup_host() {
     [ -d "$h$node_cgroup" ] || continue
     find "$h$node_cgroup" -depth -type d -exec rmdir {} \; 2>/dev/null || true
   done
-  ip link del "$node_bridge" 2>/dev/null || true
+  local owner
+  owner=$(cat "$node_bridge_owner" 2>/dev/null || true)
+  if [ -z "$owner" ] || [ "$owner" = "$harness" ]; then
+    ip link del "$node_bridge" 2>/dev/null || true
+    rm -f "$node_bridge_owner"
+  fi
   # libcni's result cache and containerd 1.6's fixed shim socket dir.
   rm -f /var/lib/cni/results/tailnode-e2e-* /var/lib/cni/results/cni-loopback-*
   rmdir /var/lib/cni/results /var/lib/cni 2>/dev/null || true
