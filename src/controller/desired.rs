@@ -28,6 +28,8 @@ pub const STATEFULSET_ANNOTATION: &str = "tailnode.dev/statefulset";
 pub const ORDINAL_ANNOTATION: &str = "tailnode.dev/ordinal";
 /// Secret annotation: when the current key was minted (RFC 3339).
 pub const MINTED_AT_ANNOTATION: &str = "tailnode.dev/minted-at";
+/// Secret annotation: the API's id of the current key (an id, not the key), to revoke it.
+pub const KEY_ID_ANNOTATION: &str = "tailnode.dev/key-id";
 /// Label on everything the controller creates.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "tailnode");
 
@@ -273,6 +275,13 @@ pub fn secret_value(secret: &Secret, key: &str) -> Option<String> {
 pub enum SecretAction {
     /// No device and no usable key: mint one for this replica.
     Mint { secret: String, pod: String },
+    /// The key was never used and has expired (the pod stayed Pending, unschedulable, pulling):
+    /// mint a new one, then revoke the old one (`old_key_id`) where the API can.
+    Replace {
+        secret: String,
+        pod: String,
+        old_key_id: Option<String>,
+    },
     /// The device registered but the key is still there: remove it.
     StripKey { secret: String },
     /// The replica is gone for good: delete its device (if any), then the Secret.
@@ -328,6 +337,18 @@ pub fn plan(
             }
             continue;
         }
+        if has_key {
+            if live.contains(name.as_str()) && key_expired(s, key_ttl, now) {
+                let pod = annotations.get(POD_ANNOTATION).cloned().unwrap_or_default();
+                let old_key_id = annotations.get(KEY_ID_ANNOTATION).cloned();
+                actions.push(SecretAction::Replace {
+                    secret: name,
+                    pod,
+                    old_key_id,
+                });
+            }
+            continue;
+        }
         let minted_recently = annotations
             .get(MINTED_AT_ANNOTATION)
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
@@ -339,6 +360,44 @@ pub fn plan(
         }
     }
     (to_create, actions)
+}
+
+/// When the key in `secret` was minted (its `minted-at` annotation).
+pub fn minted_at(secret: &Secret) -> Option<DateTime<Utc>> {
+    secret
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(MINTED_AT_ANNOTATION)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// True when `secret` holds a key that was never used (no device yet) and whose lifetime has
+/// run out: the API refuses it, so the sidecar could never join with it. A key without a
+/// `minted-at` annotation is taken as valid.
+pub fn key_expired(secret: &Secret, key_ttl: chrono::Duration, now: DateTime<Utc>) -> bool {
+    secret_value(secret, "device_id").is_none()
+        && secret_value(secret, "authkey").is_some()
+        && minted_at(secret).is_some_and(|t| now.signed_duration_since(t) >= key_ttl)
+}
+
+/// The earliest moment an unused key among `secrets` expires: the controller looks again then.
+pub fn next_key_expiry(secrets: &[Secret], key_ttl: chrono::Duration) -> Option<DateTime<Utc>> {
+    secrets
+        .iter()
+        .filter(|s| secret_value(s, "device_id").is_none() && secret_value(s, "authkey").is_some())
+        .filter_map(|s| minted_at(s)?.checked_add_signed(key_ttl))
+        .min()
+}
+
+/// The id of the unused key still in `secret` (no device registered with it), to revoke when
+/// the replica goes or the key is replaced.
+pub fn unused_key_id(secret: &Secret) -> Option<String> {
+    if secret_value(secret, "device_id").is_some() || secret_value(secret, "authkey").is_none() {
+        return None;
+    }
+    secret.metadata.annotations.as_ref()?.get(KEY_ID_ANNOTATION).cloned()
 }
 
 /// Per-replica status from the Secrets (sorted by pod), and how many are registered.

@@ -132,6 +132,64 @@ fn a_recent_mint_is_not_repeated_but_an_expired_one_is() {
 }
 
 #[test]
+fn an_unused_key_is_replaced_once_expired_and_its_id_kept_for_revocation() {
+    let n = node(json!({}));
+    let now = Utc::now();
+    let r = replicas(&n, &[pod("a", None, true)]);
+    let keyed = |minutes: i64| {
+        secret(
+            "ts-a",
+            &[("authkey", "k")],
+            json!({MINTED_AT_ANNOTATION: (now - chrono::Duration::minutes(minutes)).to_rfc3339(),
+                   KEY_ID_ANNOTATION: "7", POD_ANNOTATION: "a"}),
+        )
+    };
+    assert!(plan(&r, &[keyed(9)], &BTreeMap::new(), ttl(), now, false).1.is_empty());
+    let (_, actions) = plan(&r, &[keyed(10)], &BTreeMap::new(), ttl(), now, false);
+    assert_eq!(
+        actions,
+        vec![SecretAction::Replace {
+            secret: "ts-a".into(),
+            pod: "a".into(),
+            old_key_id: Some("7".into())
+        }]
+    );
+    // Registered: the key is stripped, never replaced; a gone replica is retired, not replaced.
+    let mut registered = keyed(60);
+    registered
+        .data
+        .as_mut()
+        .unwrap()
+        .insert("device_id".into(), ByteString(b"n1".to_vec()));
+    let (_, actions) = plan(&r, &[registered.clone()], &BTreeMap::new(), ttl(), now, false);
+    assert_eq!(actions, vec![SecretAction::StripKey { secret: "ts-a".into() }]);
+    assert_eq!(unused_key_id(&registered), None);
+    assert_eq!(unused_key_id(&keyed(1)).as_deref(), Some("7"));
+    let (_, actions) = plan(&[], &[keyed(60)], &BTreeMap::new(), ttl(), now, false);
+    assert!(matches!(actions[..], [SecretAction::Retire { .. }]));
+}
+
+#[test]
+fn the_controller_looks_again_when_the_first_unused_key_expires() {
+    let now = Utc::now();
+    let at = |m: i64| (now - chrono::Duration::minutes(m)).to_rfc3339();
+    let secrets = vec![
+        secret("ts-a", &[("authkey", "k")], json!({MINTED_AT_ANNOTATION: at(2)})),
+        secret("ts-b", &[("authkey", "k")], json!({MINTED_AT_ANNOTATION: at(5)})),
+        // Registered, or without a key: no expiry to wait for.
+        secret(
+            "ts-c",
+            &[("authkey", "k"), ("device_id", "n")],
+            json!({MINTED_AT_ANNOTATION: at(9)}),
+        ),
+        secret("ts-d", &[], json!({MINTED_AT_ANNOTATION: at(9)})),
+    ];
+    let next = next_key_expiry(&secrets, ttl()).unwrap();
+    assert_eq!(next, DateTime::parse_from_rfc3339(&at(5)).unwrap().to_utc() + ttl());
+    assert_eq!(next_key_expiry(&secrets[2..], ttl()), None);
+}
+
+#[test]
 fn statefulset_secrets_survive_their_pod_until_scaled_down() {
     let n = node(json!({}));
     let now = Utc::now();

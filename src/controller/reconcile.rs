@@ -18,7 +18,7 @@ use tracing::warn;
 
 use super::desired::{self, NODE_FINALIZER, SecretAction};
 use super::gate;
-use super::secrets::{self, abandon_device, mint, retire};
+use super::secrets::{self, abandon_device, mint, retire, revoke};
 use super::status::{self, Findings};
 use super::{Context, Error, Step};
 use crate::api::{NODE_LABEL, TailscaleNode, serve_config_map_name};
@@ -152,6 +152,22 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
 
     let mut findings = Findings::default();
     let mut failed = BTreeSet::new();
+    // A gated pod mints only once the apiserver confirms its grant, right before its gate opens:
+    // a pod that cannot start yet does not burn a key per key lifetime.
+    let gated: BTreeSet<&str> = obs
+        .replicas
+        .iter()
+        .filter(|r| r.gate.is_some())
+        .map(|r| r.secret.as_str())
+        .collect();
+    let granted = match gate::confirm(&ctx.client, &ns, &gate::grantable(&obs.replicas, &names, &accounts)).await {
+        Ok(granted) => granted,
+        Err(p) => {
+            findings.failures.push(p);
+            BTreeSet::new()
+        }
+    };
+    let may_mint = |secret: &str| !gated.contains(secret) || granted.contains(secret);
     for secret in &foreign {
         failed.insert(secret.clone());
         findings
@@ -165,7 +181,10 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
     {
         Ok(api) => Some(api),
         Err(p) => {
-            if actions.iter().any(|a| matches!(a, SecretAction::Mint { .. })) {
+            if actions
+                .iter()
+                .any(|a| matches!(a, SecretAction::Mint { .. } | SecretAction::Replace { .. }))
+            {
                 publish(&ctx, &node, EventType::Warning, p.reason, "Credentials", &p.message).await;
             }
             findings.credentials = Some(p);
@@ -176,10 +195,41 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
         match action {
             SecretAction::Mint { secret, pod } => {
                 let Some(api) = &api else { continue };
+                if !may_mint(&secret) {
+                    continue;
+                }
                 if let Err(p) = mint(&ctx, &node, api.as_ref(), &secrets_api, &secret, &pod).await {
                     failed.insert(secret);
                     if findings.failures.iter().all(|f| f.message != p.message) {
                         findings.failures.push(p);
+                    }
+                }
+            }
+            SecretAction::Replace {
+                secret,
+                pod,
+                old_key_id,
+            } => {
+                // A static key has no lifetime tailnode knows of: nothing to replace.
+                let Some(api) = api.as_ref().filter(|a| a.kind() != "static") else {
+                    continue;
+                };
+                if !may_mint(&secret) {
+                    continue;
+                }
+                match mint(&ctx, &node, api.as_ref(), &secrets_api, &secret, &pod).await {
+                    Ok(()) => {
+                        if let Some(id) = &old_key_id {
+                            revoke(&ctx, &node, api.as_ref(), &secret, id).await;
+                        }
+                        let note = format!("the key of pod {pod} expired unused; replaced it in Secret {secret}");
+                        publish(&ctx, &node, EventType::Normal, "KeyReplaced", "Mint", &note).await;
+                    }
+                    Err(p) => {
+                        failed.insert(secret);
+                        if findings.failures.iter().all(|f| f.message != p.message) {
+                            findings.failures.push(p);
+                        }
                     }
                 }
             }
@@ -197,10 +247,12 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
                 }
                 let api = api.clone().or_else(|| ctx.credentials.last_known(&node));
                 let abandon = api.is_none() && namespace_terminating(&ctx, &ns).await;
+                let unused = unused_key(&obs.secrets, &secret);
                 let result = if abandon {
                     abandon_device(&secrets_api, &secret).await
                 } else {
-                    retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device_id.as_deref()).await
+                    let (device, key) = (device_id.as_deref(), unused.as_deref());
+                    retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device, key).await
                 };
                 if let Err(p) = result {
                     findings.failures.push(p);
@@ -211,9 +263,10 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
 
     // Status from the Secrets as they are now; sidecars whose credentials are in place may start.
     let secrets = list_secrets(&ctx, &ns, &key).await?;
-    let ready = gate::to_open(&obs.replicas, &secrets, &names, &accounts);
+    let now = Utc::now();
+    let ready = gate::to_open(&obs.replicas, &secrets, &granted, ttl, now);
     let still_gated = match gate::open(&ctx.client, &ns, &ready).await {
-        Ok(waiting) => waiting,
+        Ok(opened) => gated.len().saturating_sub(opened),
         Err(p) => {
             findings.failures.push(p);
             0
@@ -243,7 +296,20 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
         // The grant is written; the apiserver's RBAC cache catches up within moments.
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
-    Ok(Action::requeue(Duration::from_secs(300)))
+    // Look again when the first unused key runs out, so it is replaced on time.
+    let idle = Duration::from_secs(300);
+    let next = desired::next_key_expiry(&secrets, ttl)
+        .and_then(|at| (at - now).to_std().ok())
+        .map_or(idle, |d| (d + Duration::from_secs(1)).min(idle));
+    Ok(Action::requeue(next))
+}
+
+/// The id of the unused key in the observed Secret `name`, if any.
+fn unused_key(secrets: &[Secret], name: &str) -> Option<String> {
+    secrets
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some(name))
+        .and_then(desired::unused_key_id)
 }
 
 async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -275,10 +341,12 @@ async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, 
         let SecretAction::Retire { secret, device_id } = action else {
             continue;
         };
+        let unused = unused_key(&obs.secrets, &secret);
         let result = if abandon {
             abandon_device(&secrets_api, &secret).await
         } else {
-            retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device_id.as_deref()).await
+            let (device, key) = (device_id.as_deref(), unused.as_deref());
+            retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device, key).await
         };
         if let Err(p) = result {
             problems.push(p.message);

@@ -11,7 +11,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::desired::{self, DEVICE_FINALIZER, MINTED_AT_ANNOTATION, Replica};
+use super::desired::{self, DEVICE_FINALIZER, KEY_ID_ANNOTATION, MINTED_AT_ANNOTATION, Replica};
 use super::reconcile::publish;
 use super::status::Problem;
 use super::{Context, Error, Step};
@@ -98,8 +98,12 @@ pub(super) async fn mint(
     match api.mint(&req).await {
         Ok(minted) => {
             ctx.metrics.key_mints.get_or_create(&labels("ok")).inc();
+            // The key's id (not the key) is kept to revoke it if it is never used.
             let patch = json!({
-                "metadata": {"annotations": {MINTED_AT_ANNOTATION: Utc::now().to_rfc3339()}},
+                "metadata": {"annotations": {
+                    MINTED_AT_ANNOTATION: Utc::now().to_rfc3339(),
+                    KEY_ID_ANNOTATION: minted.id,
+                }},
                 "stringData": {"authkey": minted.key},
             });
             secrets
@@ -130,7 +134,30 @@ pub(super) async fn mint(
     }
 }
 
-/// Deletes the replica's device (if it has one and the API can), then its Secret.
+/// Revokes a key that was never used (replaced, or its replica gone), where the API can. Best
+/// effort: the key expires by itself anyway, so a failure is logged and reported as an Event.
+pub(super) async fn revoke(ctx: &Context, node: &TailscaleNode, api: &dyn KeyApi, secret: &str, key_id: &str) {
+    if ctx.fence.check().is_err() {
+        return;
+    }
+    match api.revoke_key(key_id).await {
+        Ok(true) => info!(secret, api = api.kind(), "revoked unused auth key"),
+        Ok(false) => {}
+        Err(e) => {
+            warn!(
+                secret,
+                api = api.kind(),
+                reason = e.reason(),
+                "revoking unused auth key failed"
+            );
+            let note = format!("revoking the unused key {key_id} of Secret {secret}: {e}");
+            publish(ctx, node, EventType::Warning, "RevokeFailed", "Revoke", &note).await;
+        }
+    }
+}
+
+/// Deletes the replica's device (if it has one and the API can) or revokes its unused key, then
+/// its Secret.
 pub(super) async fn retire(
     ctx: &Context,
     node: &TailscaleNode,
@@ -138,7 +165,11 @@ pub(super) async fn retire(
     secrets: &Api<Secret>,
     secret: &str,
     device_id: Option<&str>,
+    unused_key: Option<&str>,
 ) -> Result<(), Problem> {
+    if let (Some(api), Some(key_id)) = (api, unused_key) {
+        revoke(ctx, node, api, secret, key_id).await;
+    }
     if let Some(id) = device_id {
         let Some(api) = api else {
             return Err(Problem {

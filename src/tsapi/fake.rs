@@ -82,6 +82,8 @@ pub struct Ledger {
     pub mints: Vec<MintRecord>,
     /// Devices deleted, in order (404s are not deletions).
     pub deletions: Vec<String>,
+    /// Auth keys revoked (deleted) by id, in order (404s are not revocations).
+    pub revocations: Vec<String>,
     /// Every request, in order of completion.
     pub requests: Vec<RequestRecord>,
 }
@@ -138,6 +140,7 @@ impl FakeTailscale {
         let router = Router::new()
             .route("/api/v2/oauth/token", post(issue_token))
             .route("/api/v2/tailnet/{tailnet}/keys", post(mint_key))
+            .route("/api/v2/tailnet/{tailnet}/keys/{id}", delete(revoke_key))
             .route("/api/v2/device/{id}", delete(delete_device))
             .layer(middleware::from_fn_with_state(shared.clone(), record_and_script))
             .with_state(shared.clone());
@@ -360,6 +363,24 @@ async fn mint_key(
     });
     inner.ledger.mints.push(record);
     Json(answer).into_response()
+}
+
+async fn revoke_key(
+    State(shared): State<Shared>,
+    Path((_, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let mut inner = shared.lock();
+    if let Some(denied) = check_bearer(&inner, &headers) {
+        return denied;
+    }
+    let known = inner.ledger.mints.iter().any(|m| m.id == id);
+    if known && !inner.ledger.revocations.contains(&id) {
+        inner.ledger.revocations.push(id);
+        StatusCode::OK.into_response()
+    } else {
+        message(StatusCode::NOT_FOUND, "key not found")
+    }
 }
 
 async fn delete_device(State(shared): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {

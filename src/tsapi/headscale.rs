@@ -200,6 +200,20 @@ impl HeadscaleApi {
         .await?;
         retry::gone(resp, API, &id).await
     }
+
+    /// Expires a pre-auth key (`POST /api/v1/preauthkey/expire`, by numeric id since 0.28).
+    async fn expire(&self, key_id: &str) -> Result<bool, ApiError> {
+        let id = key_id.trim().parse::<u64>().map_err(|_| ApiError::BadRequest {
+            message: format!("key id {key_id:?} is not a Headscale pre-auth key id"),
+        })?;
+        let url = retry::join(&self.base, &["api", "v1", "preauthkey", "expire"])?;
+        let body = serde_json::json!({"id": id});
+        let resp = retry::send(&self.caller(), || {
+            self.http.post(url.clone()).bearer_auth(&self.api_key).json(&body)
+        })
+        .await?;
+        retry::gone(resp, API, key_id).await
+    }
 }
 
 /// PURE: the numeric id of the user called `name` in the answer of `GET /api/v1/user?name=`.
@@ -238,6 +252,10 @@ impl KeyApi for HeadscaleApi {
 
     fn delete_device<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<bool, ApiError>> {
         Box::pin(self.delete(device_id))
+    }
+
+    fn revoke_key<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<bool, ApiError>> {
+        Box::pin(self.expire(key_id))
     }
 
     fn kind(&self) -> &'static str {

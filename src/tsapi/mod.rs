@@ -120,6 +120,11 @@ pub trait KeyApi: Send + Sync {
     /// Deletes the device with this id (the `device_id` containerboot writes). A device that is
     /// already gone is success. Static keys cannot delete and return `Ok(false)`.
     fn delete_device<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<bool, ApiError>>;
+    /// Revokes the unused auth key with this id (the `id` of its `MintedKey`), so it can no longer
+    /// join a device. A key already gone is success. APIs that cannot revoke return `Ok(false)`.
+    fn revoke_key<'a>(&'a self, _key_id: &'a str) -> BoxFuture<'a, Result<bool, ApiError>> {
+        Box::pin(futures::future::ready(Ok(false)))
+    }
     /// `tailscale`, `headscale` or `static`.
     fn kind(&self) -> &'static str;
 }

@@ -189,7 +189,7 @@ pub(crate) async fn gone(resp: Response, api: &'static str, id: &str) -> Result<
             api,
             id,
             already_gone = status == StatusCode::NOT_FOUND,
-            "deleted device"
+            "deleted at the API"
         );
         return Ok(true);
     }

@@ -234,6 +234,14 @@ impl TailscaleApi {
             .await?;
         retry::gone(resp, API, device_id).await
     }
+
+    async fn revoke(&self, key_id: &str) -> Result<bool, ApiError> {
+        let url = retry::join(&self.base, &["api", "v2", "tailnet", &self.tailnet, "keys", key_id])?;
+        let resp = self
+            .send_authed(|token| self.http.delete(url.clone()).bearer_auth(token))
+            .await?;
+        retry::gone(resp, API, key_id).await
+    }
 }
 
 impl KeyApi for TailscaleApi {
@@ -243,6 +251,10 @@ impl KeyApi for TailscaleApi {
 
     fn delete_device<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<bool, ApiError>> {
         Box::pin(self.delete(device_id))
+    }
+
+    fn revoke_key<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<bool, ApiError>> {
+        Box::pin(self.revoke(key_id))
     }
 
     fn kind(&self) -> &'static str {

@@ -42,6 +42,13 @@ fn free_port() -> u16 {
 /// Starts the operator once per test binary (on a runtime of its own that lives as long as the
 /// process) and waits until its webhook answers.
 pub fn operator() -> &'static Operator {
+    operator_with(&[])
+}
+
+/// `operator()` with flags (`--name=value`) that replace the defaults of the same name; the first
+/// call in a test binary decides.
+pub fn operator_with(flags: &[&str]) -> &'static Operator {
+    let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
     OPERATOR.get_or_init(|| {
         let h = harness().clone();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -49,7 +56,7 @@ pub fn operator() -> &'static Operator {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
                 let op = prepare(&h).await;
-                let args = tailnode::args::Args::parse_from([
+                let mut argv = vec![
                     "tailnode".to_string(),
                     "run".into(),
                     format!("--namespace={}", op.namespace),
@@ -65,7 +72,13 @@ pub fn operator() -> &'static Operator {
                     format!("--webhook-config={}", op.webhook_config),
                     "--key-ttl-seconds=600".into(),
                     format!("--control-url={}", h.headscale_url),
-                ]);
+                ];
+                for flag in &flags {
+                    let name = flag.split('=').next().unwrap_or_default();
+                    argv.retain(|a| a.split('=').next() != Some(name));
+                    argv.push(flag.clone());
+                }
+                let args = tailnode::args::Args::parse_from(argv);
                 let tailnode::args::Command::Run(run) = args.command else {
                     unreachable!()
                 };

@@ -28,6 +28,7 @@ struct Stub {
     user_lookups: usize,
     created: Vec<Value>,
     deleted: Vec<u64>,
+    expired: Vec<u64>,
 }
 
 type Shared = Arc<Mutex<Stub>>;
@@ -115,6 +116,19 @@ async fn delete_node(State(shared): State<Shared>, headers: HeaderMap, Path(id):
     Json(json!({})).into_response()
 }
 
+/// Headscale 0.29 expires by numeric id and answers 200 whether or not the key exists.
+async fn expire_key(State(shared): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    let mut stub = shared.lock().unwrap();
+    if let Some(denied) = gate(&mut stub, &headers) {
+        return denied;
+    }
+    let Some(id) = body["id"].as_u64() else {
+        return grpc_error(StatusCode::BAD_REQUEST, 3, "invalid id");
+    };
+    stub.expired.push(id);
+    Json(json!({})).into_response()
+}
+
 struct Harness {
     url: String,
     stub: Shared,
@@ -136,6 +150,7 @@ async fn stub() -> Harness {
     let router = Router::new()
         .route("/api/v1/user", get(list_users))
         .route("/api/v1/preauthkey", post(create_key))
+        .route("/api/v1/preauthkey/expire", post(expire_key))
         .route("/api/v1/node/{id}", delete(delete_node))
         .with_state(stub.clone());
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
@@ -277,6 +292,19 @@ async fn delete_removes_the_node_and_a_missing_one_counts_as_gone() {
 }
 
 #[tokio::test]
+async fn revoking_expires_the_key_by_its_numeric_id() {
+    let h = stub().await;
+    let c = client(&h, API_KEY, "7");
+    let minted = c.api.mint(&request("x", &["tag:k8s"])).await.unwrap();
+    let id = minted.id.unwrap();
+    assert!(c.api.revoke_key(&id).await.unwrap());
+    assert_eq!(h.stub.lock().unwrap().expired, vec![id.parse::<u64>().unwrap()]);
+    let err = c.api.revoke_key("tskey-not-an-id").await.unwrap_err();
+    assert_eq!(err.reason(), "bad_request");
+    assert_eq!(h.stub.lock().unwrap().expired.len(), 1);
+}
+
+#[tokio::test]
 async fn a_non_numeric_device_id_is_rejected_locally() {
     let h = stub().await;
     let c = client(&h, API_KEY, "7");
@@ -331,6 +359,7 @@ async fn real_headscale_when_available() {
     let minted = api.mint(&request("tailnode unit", &["tag:k8s"])).await.unwrap();
     assert!(!minted.key.is_empty());
     assert!(minted.id.is_some());
+    assert!(api.revoke_key(minted.id.as_deref().unwrap()).await.unwrap());
     assert!(api.delete_device("999999").await.unwrap());
 }
 

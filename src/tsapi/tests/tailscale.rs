@@ -267,6 +267,26 @@ async fn delete_removes_the_device_and_a_missing_one_counts_as_gone() {
 }
 
 #[tokio::test]
+async fn revoking_deletes_the_key_and_a_missing_one_counts_as_gone() {
+    let fake = fake().await;
+    let c = client(&fake);
+    let minted = c.api.mint(&request("tailnode", &["tag:k8s"])).await.unwrap();
+    let id = minted.id.unwrap();
+    assert!(c.api.revoke_key(&id).await.unwrap());
+    assert!(c.api.revoke_key(&id).await.unwrap());
+    let ledger = fake.ledger();
+    assert_eq!(ledger.revocations, vec![id.clone()]);
+    let deletes: Vec<(String, u16)> = ledger
+        .requests
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| (r.path.clone(), r.status))
+        .collect();
+    let path = format!("/api/v2/tailnet/-/keys/{id}");
+    assert_eq!(deletes, vec![(path.clone(), 200), (path, 404)]);
+}
+
+#[tokio::test]
 async fn descriptions_are_sanitised_before_sending() {
     let fake = fake().await;
     let c = client(&fake);
