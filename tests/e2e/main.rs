@@ -16,6 +16,7 @@ mod cluster;
 mod node;
 mod outage;
 mod tailnet;
+mod upgrade;
 mod workloads;
 
 use std::future::Future;
@@ -45,9 +46,14 @@ const SCENARIOS: &[(&str, Scenario)] = &[
 ];
 
 /// Scenarios that run one at a time after the others (they disturb the shared operator).
-const ALONE: &[(&str, Scenario)] = &[("controller_outage_keeps_pods_gated_until_it_returns", |c| {
-    Box::pin(outage::controller_outage(c))
-})];
+const ALONE: &[(&str, Scenario)] = &[
+    ("controller_outage_keeps_pods_gated_until_it_returns", |c| {
+        Box::pin(outage::controller_outage(c))
+    }),
+    ("helm_upgrade_and_uninstall_keep_replicas_on_the_tailnet", |c| {
+        Box::pin(upgrade::upgrade_and_uninstall(c))
+    }),
+];
 
 fn main() {
     // cargo passes libtest flags (e.g. --test-threads); anything not starting with '-' filters.
