@@ -134,7 +134,7 @@ impl Cluster {
         }
     }
 
-    fn headscale(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub fn headscale(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         reqwest::Client::builder()
             .no_proxy()
             .build()

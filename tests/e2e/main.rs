@@ -12,6 +12,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod blast;
 mod cluster;
 mod node;
 mod outage;
@@ -52,6 +53,12 @@ const ALONE: &[(&str, Scenario)] = &[
     }),
     ("helm_upgrade_and_uninstall_keep_replicas_on_the_tailnet", |c| {
         Box::pin(upgrade::upgrade_and_uninstall(c))
+    }),
+    ("operator_down_refuses_only_opted_in_pods", |c| {
+        Box::pin(blast::operator_down(c))
+    }),
+    ("no_auth_key_in_debug_logs_events_or_status", |c| {
+        Box::pin(blast::no_key_leaks(c))
     }),
 ];
 
