@@ -326,3 +326,70 @@ async fn the_operator_may_only_open_its_own_gate() {
     );
     ns.cleanup().await;
 }
+
+/// A spec change reaches a sidecar only through a new pod: the status names the pods injected
+/// from the older spec (`RestartNeeded`), and a pod created after the change is not named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_from_an_older_spec_are_named_in_restart_needed() {
+    let (ns, fake) = setup("restart").await;
+    node(&ns, "web", "oauth", &fake).await;
+    let old = pod(&ns, "old", "web").await;
+    let recorded = old
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("tailnode.dev/spec"));
+    assert!(recorded.is_some(), "the webhook did not record the spec hash");
+    let up_to_date = eventually(WAIT, || async {
+        let c = condition(&ns, "web", "RestartNeeded").await?;
+        (c["status"] == "False").then_some(c)
+    })
+    .await;
+    assert!(up_to_date.is_some(), "RestartNeeded=False never reported");
+
+    let change = json!({"spec": {"hostname": "renamed"}});
+    ns.api::<TailscaleNode>()
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&change),
+        )
+        .await
+        .unwrap();
+    let stale = eventually(WAIT, || async {
+        let c = condition(&ns, "web", "RestartNeeded").await?;
+        (c["status"] == "True").then_some(c)
+    })
+    .await
+    .expect("RestartNeeded=True never reported after the spec changed");
+    assert_eq!(stale["reason"], "SpecChanged");
+    let message = stale["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("1 pod(s)") && message.ends_with(": old"),
+        "{message}"
+    );
+
+    // A pod admitted after the change carries the new hash and is not named.
+    let new = eventually(WAIT, || async {
+        let p = pod(&ns, &format!("new-{}", unique("p")), "web").await;
+        let h = p.metadata.annotations.as_ref()?.get("tailnode.dev/spec")?.clone();
+        (Some(&h) != recorded).then_some(p)
+    })
+    .await
+    .expect("the webhook never saw the new spec");
+    // Pods admitted while the webhook's cache still had the old spec are stale too.
+    let pods = ns.api::<Pod>().list(&ListParams::default()).await.unwrap().items;
+    let stale = pods
+        .iter()
+        .filter(|p| p.metadata.annotations.as_ref().and_then(|a| a.get("tailnode.dev/spec")) == recorded)
+        .count();
+    let named = eventually(WAIT, || async {
+        let c = condition(&ns, "web", "RestartNeeded").await?;
+        let m = c["message"].as_str()?.to_string();
+        m.starts_with(&format!("{stale} pod(s)")).then_some(m)
+    })
+    .await;
+    let m = named.expect("RestartNeeded does not count the stale pods");
+    assert!(!m.contains(new.metadata.name.as_deref().unwrap()), "{m}");
+    ns.cleanup().await;
+}

@@ -16,6 +16,7 @@ const WORDS: &[&str] = &[
     "tailnode.dev/node",
     "tailnode.dev/injected",
     "tailnode.dev/mode",
+    "tailnode.dev/spec",
     "tailnode.dev/hostname",
     "tailnode.dev/credentials",
     "tailnode-state",

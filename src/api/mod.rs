@@ -16,6 +16,9 @@ pub const NODE_LABEL: &str = "tailnode.dev/node";
 pub const INJECTED_ANNOTATION: &str = "tailnode.dev/injected";
 /// Pod annotation that records the networking mode the engine chose (`userspace` or `tun`).
 pub const MODE_ANNOTATION: &str = "tailnode.dev/mode";
+/// Pod annotation: a hash of the TailscaleNode spec the pod was injected from. The sidecar sees
+/// a spec change only in a new pod; the controller names the pods whose hash is out of date.
+pub const SPEC_ANNOTATION: &str = "tailnode.dev/spec";
 /// Pod annotation that overrides the Tailscale hostname of this one pod.
 pub const HOSTNAME_ANNOTATION: &str = "tailnode.dev/hostname";
 /// Name of the injected sidecar container.

@@ -11,8 +11,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Resource;
 
 use crate::api::{
-    CREDENTIALS_GATE, INJECTED_ANNOTATION, NODE_LABEL, POD_INDEX_LABEL, ReplicaState, ReplicaStatus, TailscaleNode,
-    serve_config_map_name, state_secret_name,
+    CREDENTIALS_GATE, INJECTED_ANNOTATION, NODE_LABEL, POD_INDEX_LABEL, ReplicaState, ReplicaStatus, SPEC_ANNOTATION,
+    TailscaleNode, serve_config_map_name, state_secret_name,
 };
 use crate::inject::render_serve_config;
 
@@ -48,6 +48,8 @@ pub struct Replica {
     pub statefulset: Option<(String, u32)>,
     /// Index of the credentials scheduling gate in the pod's gates, while it is closed.
     pub gate: Option<usize>,
+    /// Hash of the TailscaleNode spec the pod was injected from (`tailnode.dev/spec`).
+    pub spec_hash: Option<String>,
 }
 
 /// True when a pod has finished for good (`Succeeded` or `Failed`: a Job's pod, an evicted pod).
@@ -105,6 +107,12 @@ pub fn replicas(node: &TailscaleNode, pods: &[Pod]) -> Vec<Replica> {
                     .as_ref()
                     .and_then(|s| s.scheduling_gates.as_ref())
                     .and_then(|g| g.iter().position(|g| g.name == CREDENTIALS_GATE)),
+                spec_hash: p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(SPEC_ANNOTATION))
+                    .cloned(),
                 pod,
             })
         })
@@ -360,6 +368,18 @@ pub fn plan(
         }
     }
     (to_create, actions)
+}
+
+/// The replicas injected from another spec than `node`'s current one: the sidecar's settings are
+/// fixed in the pod, so these need a new pod (a rollout restart) to pick the change up. Pods
+/// injected before the hash was recorded are not named (nothing is known about them).
+pub fn restart_needed(node: &TailscaleNode, replicas: &[Replica]) -> Vec<String> {
+    let current = crate::inject::node_spec_hash(&node.spec);
+    replicas
+        .iter()
+        .filter(|r| r.spec_hash.as_ref().is_some_and(|h| *h != current))
+        .map(|r| r.pod.clone())
+        .collect()
 }
 
 /// When the key in `secret` was minted (its `minted-at` annotation).

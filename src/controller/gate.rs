@@ -170,6 +170,7 @@ mod tests {
             service_account: sa.into(),
             statefulset: None,
             gate,
+            spec_hash: None,
         }
     }
 

@@ -150,7 +150,10 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
         None => delete_ignoring_missing(&cm_api, &serve_config_map_name(&key), Step::ServeConfig).await?,
     }
 
-    let mut findings = Findings::default();
+    let mut findings = Findings {
+        restart_needed: desired::restart_needed(&node, &obs.replicas),
+        ..Default::default()
+    };
     let mut failed = BTreeSet::new();
     // A gated pod mints only once the apiserver confirms its grant, right before its gate opens:
     // a pod that cannot start yet does not burn a key per key lifetime.

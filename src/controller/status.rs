@@ -21,7 +21,12 @@ pub struct Findings {
     pub credentials: Option<Problem>,
     /// Other failures (minting, cleanup).
     pub failures: Vec<Problem>,
+    /// Pods injected from an older spec (they need a new pod to pick the change up).
+    pub restart_needed: Vec<String>,
 }
+
+/// Names at most this many pods in a message, then a count.
+const NAMED_PODS: usize = 5;
 
 fn condition(
     previous: &[Condition],
@@ -133,9 +138,31 @@ pub fn status(
             now,
         )
     };
+    let restart = if findings.restart_needed.is_empty() {
+        condition(
+            prev,
+            "RestartNeeded",
+            false,
+            "UpToDate",
+            "every replica runs the current spec".into(),
+            generation,
+            now,
+        )
+    } else {
+        let stale = &findings.restart_needed;
+        let mut named = stale.iter().take(NAMED_PODS).cloned().collect::<Vec<_>>().join(", ");
+        if stale.len() > NAMED_PODS {
+            named.push_str(&format!(" and {} more", stale.len() - NAMED_PODS));
+        }
+        let message = format!(
+            "{} pod(s) run an older spec of this TailscaleNode and pick the change up only in a new pod (e.g. kubectl rollout restart): {named}",
+            stale.len()
+        );
+        condition(prev, "RestartNeeded", true, "SpecChanged", message, generation, now)
+    };
     TailscaleNodeStatus {
         observed_generation: generation,
-        conditions: vec![ready_cond, creds, degraded],
+        conditions: vec![ready_cond, creds, degraded, restart],
         ready_replicas: ready,
         total_replicas: total,
         replicas,
@@ -183,7 +210,7 @@ mod tests {
                 reason: "SecretMissing",
                 message: "Secret apps/oauth not found".into(),
             }),
-            failures: vec![],
+            ..Default::default()
         };
         let s = status(
             None,
@@ -197,6 +224,27 @@ mod tests {
         assert_eq!(get(&s, "Ready").reason, "SecretMissing");
         assert_eq!(get(&s, "Degraded").status, "True");
         assert!(get(&s, "Degraded").message.contains("apps/oauth"));
+    }
+
+    #[test]
+    fn restart_needed_names_the_stale_pods() {
+        let up_to_date = status(None, None, vec![], &Findings::default(), Utc::now());
+        assert_eq!(get(&up_to_date, "RestartNeeded").status, "False");
+        let findings = Findings {
+            restart_needed: (0..7).map(|i| format!("web-{i}")).collect(),
+            ..Default::default()
+        };
+        let s = status(None, None, vec![], &findings, Utc::now());
+        let c = get(&s, "RestartNeeded");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "SpecChanged"));
+        assert!(c.message.starts_with("7 pod(s)"), "{}", c.message);
+        assert!(
+            c.message.contains("web-0, web-1, web-2, web-3, web-4 and 2 more"),
+            "{}",
+            c.message
+        );
+        // Not a failure: Ready and Degraded do not change.
+        assert_eq!(get(&s, "Degraded").status, "False");
     }
 
     #[test]
@@ -214,6 +262,7 @@ mod tests {
                 reason: "MintFailed",
                 message: "x".into(),
             }],
+            ..Default::default()
         };
         let flipped = status(Some(&later), None, vec![], &failing, Utc::now());
         assert_ne!(

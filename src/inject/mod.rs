@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{
     CREDENTIALS_GATE, INJECTED_ANNOTATION, MODE_ANNOTATION, Mode, NODE_LABEL, NativeSidecar, SIDECAR_NAME,
-    TailscaleNode, TailscaleNodeSpec,
+    SPEC_ANNOTATION, TailscaleNode, TailscaleNodeSpec,
 };
 
 /// Why the engine left a pod as it was.
@@ -162,6 +162,7 @@ pub fn inject_template(
         spec_hash(&node.spec, facts, mode, native),
     );
     annotations.insert(MODE_ANNOTATION.to_string(), mode.as_str().to_string());
+    annotations.insert(SPEC_ANNOTATION.to_string(), node_spec_hash(&node.spec));
     Ok(Outcome::Injected {
         object: PodTemplateSpec {
             metadata: Some(meta),
@@ -249,6 +250,13 @@ pub fn effective_mode(
             level: facts.pod_security.as_str(),
         }),
     }
+}
+
+/// A short, stable hash of a TailscaleNode spec: what the webhook records on each pod and the
+/// controller compares with the current spec.
+pub fn node_spec_hash(spec: &TailscaleNodeSpec) -> String {
+    let digest = Sha256::digest(serde_json::to_vec(spec).unwrap_or_default());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// A short, stable hash of everything that shaped the injected sidecar.
