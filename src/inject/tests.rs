@@ -388,6 +388,23 @@ fn routes_exit_node_and_login_server_become_up_args() {
 }
 
 #[test]
+fn stateful_filtering_is_never_turned_on() {
+    // Off by default since tailscale 1.66.4; a router or exit node needs it off.
+    let n = node(json!({"routes": {"advertise": ["10.0.0.0/24"], "accept": true},
+        "exitNode": {"advertise": true}, "mode": "tun"}));
+    for level in [PodSecurityLevel::Privileged, PodSecurityLevel::Restricted] {
+        let (p, _) = injected(&pod(json!({})), &node(json!({})), &facts(level, true));
+        let (t, _) = injected(&pod(json!({})), &n, &facts(PodSecurityLevel::Privileged, true));
+        for c in [sidecar(&p), sidecar(&t)] {
+            for e in c.env.iter().flatten() {
+                let v = e.value.as_deref().unwrap_or_default();
+                assert!(!v.contains("stateful-filtering"), "{}={v}", e.name);
+            }
+        }
+    }
+}
+
+#[test]
 fn sidecar_overrides_image_resources_and_env() {
     let n = node(
         json!({"sidecar": {"image": "registry.local/ts:1", "imagePullPolicy": "Always",

@@ -37,6 +37,20 @@ pub async fn tun_mode(c: Cluster) {
         &ip,
     )
     .await;
+    // Stateful filtering stays off (tailscaled's default since 1.66.4; tailnode never turns it
+    // on): a subnet router or exit node must forward packets it did not see leave.
+    let (ok, prefs, err) = c.exec(
+        &ns.name,
+        &pod.name_any(),
+        "tailscale",
+        &["tailscale", "--socket=/tmp/tailscaled.sock", "debug", "prefs"],
+    );
+    assert!(ok, "tailscale debug prefs: {err}");
+    let at = prefs
+        .find("\"NoStatefulFiltering\"")
+        .expect("prefs name NoStatefulFiltering");
+    let value: String = prefs[at..].chars().skip(21).take(12).collect();
+    assert!(value.contains("true"), "stateful filtering is on: {value}");
     // The app container shares the netns: it sees tailscale0 too, and a member reaches it there.
     let member_pod = member(&c, &ns, "laptop").await;
     member_get(&c, &ns, &member_pod, &ip, 8080, "router").await;
