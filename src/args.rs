@@ -228,6 +228,12 @@ pub struct DefaultsArgs {
     /// Let tailscaled upload logs to Tailscale (off by default: `--no-logs-no-support`).
     #[arg(long, env = "TAILNODE_ALLOW_LOGS")]
     pub allow_logs: bool,
+    /// The PodSecurity level of namespaces without a `pod-security.kubernetes.io/enforce` label:
+    /// the cluster's default (`privileged` unless an AdmissionConfiguration sets another). `auto`
+    /// picks TUN only in namespaces at `privileged`, so set this to `privileged` only when the
+    /// cluster's default really is.
+    #[arg(long, env = "TAILNODE_DEFAULT_POD_SECURITY", default_value = "baseline")]
+    pub default_pod_security: PodSecurityLevel,
 }
 
 impl DefaultsArgs {
@@ -237,6 +243,7 @@ impl DefaultsArgs {
             image: self.sidecar_image.clone(),
             control_url: self.control_url.clone(),
             no_logs_no_support: !self.allow_logs,
+            unlabelled_namespace_level: self.default_pod_security,
         }
     }
 }

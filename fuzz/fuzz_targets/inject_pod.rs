@@ -41,6 +41,7 @@ fn run(u: &mut Unstructured) -> arbitrary::Result<()> {
             },
             control_url: if u.ratio(1, 4)? { Some(word(u)?) } else { None },
             no_logs_no_support: u.arbitrary()?,
+            ..OperatorDefaults::default()
         },
         api_server_host: u
             .choose(&[None, Some("10.96.0.1".to_string()), Some("fd00::1".to_string())])?

@@ -40,6 +40,11 @@ pub struct OperatorDefaults {
     pub control_url: Option<String>,
     /// Pass `--no-logs-no-support` to tailscaled (no log upload to Tailscale).
     pub no_logs_no_support: bool,
+    /// The PodSecurity level assumed for a namespace without an `enforce` label: the cluster's
+    /// default level (an AdmissionConfiguration may set one). `auto` picks TUN only where the
+    /// level is `privileged`, so an unlabelled namespace gets TUN only when this says so.
+    #[serde(skip)]
+    pub unlabelled_namespace_level: PodSecurityLevel,
 }
 
 /// Default sidecar image: the tailscale release the project tests against.
@@ -51,6 +56,7 @@ impl Default for OperatorDefaults {
             image: DEFAULT_IMAGE.to_string(),
             control_url: None,
             no_logs_no_support: true,
+            unlabelled_namespace_level: PodSecurityLevel::Baseline,
         }
     }
 }
@@ -67,9 +73,26 @@ pub enum PodSecurityLevel {
     Restricted,
 }
 
+impl std::str::FromStr for PodSecurityLevel {
+    type Err = String;
+
+    /// Parses a level as the `enforce` label spells it.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "privileged" => Ok(PodSecurityLevel::Privileged),
+            "baseline" => Ok(PodSecurityLevel::Baseline),
+            "restricted" => Ok(PodSecurityLevel::Restricted),
+            other => Err(format!(
+                "unknown PodSecurity level {other:?} (privileged, baseline or restricted)"
+            )),
+        }
+    }
+}
+
 impl PodSecurityLevel {
     /// The level named by a namespace's `pod-security.kubernetes.io/enforce` label value. No label
-    /// means privileged (the apiserver default); an unknown value is treated as restricted.
+    /// means privileged (the apiserver's built-in default; the webhook uses the operator's
+    /// `--default-pod-security` instead); an unknown value is treated as restricted.
     pub fn from_label(value: Option<&str>) -> Self {
         match value {
             None | Some("privileged") => PodSecurityLevel::Privileged,

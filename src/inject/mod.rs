@@ -69,7 +69,7 @@ impl EffectiveMode {
 pub enum InjectError {
     /// TUN was asked for in a namespace whose PodSecurity level forbids NET_ADMIN.
     #[error(
-        "TailscaleNode {node} asks for mode tun, but namespace PodSecurity level '{level}' forbids NET_ADMIN and hostPath /dev/net/tun; use mode userspace or auto, or relax the namespace's pod-security.kubernetes.io/enforce label"
+        "TailscaleNode {node} asks for mode tun, but namespace PodSecurity level '{level}' forbids NET_ADMIN and hostPath /dev/net/tun; use mode userspace or auto, or label the namespace pod-security.kubernetes.io/enforce=privileged (an unlabelled namespace is taken to be at the operator's --default-pod-security level, the cluster's default)"
     )]
     TunForbidden { node: String, level: &'static str },
     /// hostNetwork pods would put the node's own network on the tailnet.

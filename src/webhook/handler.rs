@@ -94,7 +94,9 @@ pub fn review(state: &WebhookState, body: &[u8]) -> (AdmissionReview<DynamicObje
         .and_then(|n| n.metadata.labels.as_ref().and_then(|l| l.get(ENFORCE_LABEL)).cloned());
     let facts = ClusterFacts {
         native_sidecars: state.native_sidecars,
-        pod_security: PodSecurityLevel::from_label(level.as_deref()),
+        pod_security: level.as_deref().map_or(state.defaults.unlabelled_namespace_level, |l| {
+            PodSecurityLevel::from_label(Some(l))
+        }),
         workload: WorkloadKind::Other,
         defaults: state.defaults.clone(),
         api_server_host: state.api_server_host.clone(),

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::api::TailscaleNode;
-use crate::inject::OperatorDefaults;
+use crate::inject::{OperatorDefaults, PodSecurityLevel};
 use crate::metrics::Metrics;
 
 fn state(level: Option<&str>) -> WebhookState {
@@ -97,15 +97,25 @@ fn labelled_pod_gets_a_patch_that_applies_cleanly() {
     );
 }
 
+fn mode_of(s: &WebhookState) -> String {
+    let (out, _) = review(s, &request(pod(Some("web")), "CREATE", pod_kind()));
+    let raw = String::from_utf8(patch_bytes(&response(&out))).unwrap();
+    let at = raw.find("\"tailnode.dev/mode\":\"").expect("mode annotation") + 21;
+    raw[at..].split('"').next().unwrap().to_string()
+}
+
 #[test]
-fn auto_mode_reads_the_namespace_label() {
-    let (out, _) = review(&state(None), &request(pod(Some("web")), "CREATE", pod_kind()));
-    let raw = patch_bytes(&response(&out));
-    assert!(
-        String::from_utf8(raw)
-            .unwrap()
-            .contains("\"tailnode.dev/mode\":\"tun\"")
-    );
+fn auto_mode_picks_tun_only_where_privileged_is_explicit_or_the_cluster_default() {
+    assert_eq!(mode_of(&state(Some("privileged"))), "tun");
+    assert_eq!(mode_of(&state(Some("baseline"))), "userspace");
+    // Unlabelled: the operator's --default-pod-security (baseline unless told otherwise).
+    assert_eq!(mode_of(&state(None)), "userspace");
+    let mut privileged_default = state(None);
+    privileged_default.defaults.unlabelled_namespace_level = PodSecurityLevel::Privileged;
+    assert_eq!(mode_of(&privileged_default), "tun");
+    let mut restricted_default = state(Some("privileged"));
+    restricted_default.defaults.unlabelled_namespace_level = PodSecurityLevel::Restricted;
+    assert_eq!(mode_of(&restricted_default), "tun", "a label wins over the default");
 }
 
 #[test]
