@@ -16,6 +16,10 @@ pub const NODE_LABEL: &str = "tailnode.dev/node";
 pub const INJECTED_ANNOTATION: &str = "tailnode.dev/injected";
 /// Pod annotation that records the networking mode the engine chose (`userspace` or `tun`).
 pub const MODE_ANNOTATION: &str = "tailnode.dev/mode";
+/// Pod annotation set by the controller once the replica registered: its tailnet name (FQDN).
+pub const TAILNET_NAME_ANNOTATION: &str = "tailnode.dev/tailnet-name";
+/// Pod annotation set by the controller once the replica registered: its tailnet IPs, comma-separated.
+pub const TAILNET_IPS_ANNOTATION: &str = "tailnode.dev/tailnet-ips";
 /// Pod annotation: a hash of the TailscaleNode spec the pod was injected from. The sidecar sees
 /// a spec change only in a new pod; the controller names the pods whose hash is out of date.
 pub const SPEC_ANNOTATION: &str = "tailnode.dev/spec";

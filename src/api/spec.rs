@@ -21,6 +21,8 @@ use super::TailscaleNodeStatus;
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.totalReplicas"}"#,
+    printcolumn = r#"{"name":"Hostnames","type":"string","priority":1,"jsonPath":".status.hostnames"}"#,
+    printcolumn = r#"{"name":"Addresses","type":"string","priority":1,"jsonPath":".status.addresses"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

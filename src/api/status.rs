@@ -21,6 +21,13 @@ pub struct TailscaleNodeStatus {
     /// One entry per replica (pod), sorted by pod name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<ReplicaStatus>,
+    /// The registered replicas' tailnet hostnames, the first few and a count (for
+    /// `kubectl get tsn -o wide`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostnames: Option<String>,
+    /// The registered replicas' first tailnet IPs, the first few and a count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<String>,
 }
 
 /// Status of one replica.

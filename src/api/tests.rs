@@ -180,7 +180,13 @@ fn crd_is_named_and_namespaced() {
         .clone()
         .unwrap_or_default();
     let names: Vec<_> = cols.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(names, ["Mode", "Ready", "Replicas", "Age"]);
+    assert_eq!(names, ["Mode", "Ready", "Replicas", "Hostnames", "Addresses", "Age"]);
+    let wide: Vec<_> = cols
+        .iter()
+        .filter(|c| c.priority == Some(1))
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(wide, ["Hostnames", "Addresses"], "only in -o wide");
 }
 
 #[test]

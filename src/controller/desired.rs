@@ -12,7 +12,7 @@ use kube::Resource;
 
 use crate::api::{
     CREDENTIALS_GATE, INJECTED_ANNOTATION, NODE_LABEL, POD_INDEX_LABEL, ReplicaState, ReplicaStatus, SPEC_ANNOTATION,
-    TailscaleNode, serve_config_map_name, state_secret_name,
+    TAILNET_IPS_ANNOTATION, TAILNET_NAME_ANNOTATION, TailscaleNode, serve_config_map_name, state_secret_name,
 };
 use crate::inject::render_serve_config;
 
@@ -50,6 +50,8 @@ pub struct Replica {
     pub gate: Option<usize>,
     /// Hash of the TailscaleNode spec the pod was injected from (`tailnode.dev/spec`).
     pub spec_hash: Option<String>,
+    /// The pod's `tailnode.dev/tailnet-*` annotations as they are.
+    pub tailnet: BTreeMap<String, String>,
 }
 
 /// True when a pod has finished for good (`Succeeded` or `Failed`: a Job's pod, an evicted pod).
@@ -113,6 +115,14 @@ pub fn replicas(node: &TailscaleNode, pods: &[Pod]) -> Vec<Replica> {
                     .as_ref()
                     .and_then(|a| a.get(SPEC_ANNOTATION))
                     .cloned(),
+                tailnet: p
+                    .metadata
+                    .annotations
+                    .iter()
+                    .flatten()
+                    .filter(|(k, _)| *k == TAILNET_NAME_ANNOTATION || *k == TAILNET_IPS_ANNOTATION)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
                 pod,
             })
         })
@@ -368,6 +378,29 @@ pub fn plan(
         }
     }
     (to_create, actions)
+}
+
+/// The tailnet annotations each registered replica's pod should carry and does not yet: pod name
+/// and the annotations to merge (`kubectl get pod -o wide` users see the name and IPs there).
+pub fn tailnet_annotations(
+    replicas: &[Replica],
+    statuses: &[ReplicaStatus],
+) -> Vec<(String, BTreeMap<String, String>)> {
+    let by_pod: BTreeMap<&str, &ReplicaStatus> = statuses.iter().map(|s| (s.pod.as_str(), s)).collect();
+    replicas
+        .iter()
+        .filter_map(|r| {
+            let s = by_pod.get(r.pod.as_str())?;
+            if s.state != ReplicaState::Registered || s.ips.is_empty() {
+                return None;
+            }
+            let mut want = BTreeMap::from([(TAILNET_IPS_ANNOTATION.to_string(), s.ips.join(","))]);
+            if let Some(name) = s.fqdn.clone().or_else(|| s.hostname.clone()) {
+                want.insert(TAILNET_NAME_ANNOTATION.to_string(), name);
+            }
+            (want != r.tailnet).then(|| (r.pod.clone(), want))
+        })
+        .collect()
 }
 
 /// The replicas injected from another spec than `node`'s current one: the sidecar's settings are

@@ -353,3 +353,32 @@ fn only_labelled_secrets_annotated_for_the_pod_are_owned() {
     let foreign = secret("ts-a", &[("password", "x")], json!({}));
     assert!(!owned_by(&foreign, &n, "a"));
 }
+
+#[test]
+fn registered_pods_get_their_tailnet_name_and_ips_once() {
+    let n = node(json!({}));
+    let mut pods = vec![pod("a", None, true), pod("b", None, true)];
+    let secrets = vec![
+        secret(
+            "ts-a",
+            &[
+                ("device_id", "n1"),
+                ("device_fqdn", "web-a.tail.ts.net."),
+                ("device_ips", r#"["100.64.0.1","fd7a::1"]"#),
+            ],
+            json!({}),
+        ),
+        secret("ts-b", &[("authkey", "k")], json!({})),
+    ];
+    let r = replicas(&n, &pods);
+    let statuses = replica_statuses(&r, &secrets, &BTreeSet::new());
+    let want = tailnet_annotations(&r, &statuses);
+    assert_eq!(want.len(), 1, "only the registered pod: {want:?}");
+    assert_eq!(want[0].0, "a");
+    assert_eq!(want[0].1[TAILNET_NAME_ANNOTATION], "web-a.tail.ts.net");
+    assert_eq!(want[0].1[TAILNET_IPS_ANNOTATION], "100.64.0.1,fd7a::1");
+    // Once the pod carries them, nothing more to write.
+    pods[0].metadata.annotations.as_mut().unwrap().extend(want[0].1.clone());
+    let r = replicas(&n, &pods);
+    assert!(tailnet_annotations(&r, &statuses).is_empty());
+}

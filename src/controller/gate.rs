@@ -171,6 +171,7 @@ mod tests {
             statefulset: None,
             gate,
             spec_hash: None,
+            tailnet: Default::default(),
         }
     }
 

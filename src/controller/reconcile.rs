@@ -276,6 +276,20 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
         }
     };
     let replicas = desired::replica_statuses(&obs.replicas, &secrets, &failed);
+    // Each registered pod shows its tailnet name and IPs in its own annotations.
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    for (pod, annotations) in desired::tailnet_annotations(&obs.replicas, &replicas) {
+        let patch = json!({"metadata": {"annotations": annotations}});
+        match pods_api
+            .patch(&pod, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            // Gone meanwhile: nothing to show.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => warn!(pod, error = %e, "annotating pod with its tailnet address failed"),
+        }
+    }
     let st = status::status(
         node.status.as_ref(),
         node.metadata.generation,

@@ -160,13 +160,41 @@ pub fn status(
         );
         condition(prev, "RestartNeeded", true, "SpecChanged", message, generation, now)
     };
+    let registered: Vec<&ReplicaStatus> = replicas
+        .iter()
+        .filter(|r| r.state == ReplicaState::Registered)
+        .collect();
+    let hostnames = summary(registered.iter().filter_map(|r| r.hostname.clone()).collect());
+    let addresses = summary(registered.iter().filter_map(|r| r.ips.first().cloned()).collect());
     TailscaleNodeStatus {
         observed_generation: generation,
         conditions: vec![ready_cond, creds, degraded, restart],
         ready_replicas: ready,
         total_replicas: total,
         replicas,
+        hostnames,
+        addresses,
     }
+}
+
+/// Shown in `kubectl get tsn -o wide`: at most this many values, then a count.
+const SUMMARY_VALUES: usize = 3;
+
+/// PURE: `a, b, c (+2)`, or `None` for nothing.
+fn summary(values: Vec<String>) -> Option<String> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut out = values
+        .iter()
+        .take(SUMMARY_VALUES)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if values.len() > SUMMARY_VALUES {
+        out.push_str(&format!(" (+{})", values.len() - SUMMARY_VALUES));
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -224,6 +252,30 @@ mod tests {
         assert_eq!(get(&s, "Ready").reason, "SecretMissing");
         assert_eq!(get(&s, "Degraded").status, "True");
         assert!(get(&s, "Degraded").message.contains("apps/oauth"));
+    }
+
+    #[test]
+    fn wide_columns_summarise_registered_replicas() {
+        let reg = |pod: &str, ip: &str| ReplicaStatus {
+            hostname: Some(format!("h-{pod}")),
+            ips: vec![ip.into(), "fd7a::1".into()],
+            ..replica(pod, ReplicaState::Registered)
+        };
+        let mut rs = vec![reg("a", "100.64.0.1"), replica("p", ReplicaState::Pending)];
+        let s = status(None, None, rs.clone(), &Findings::default(), Utc::now());
+        assert_eq!(s.hostnames.as_deref(), Some("h-a"));
+        assert_eq!(s.addresses.as_deref(), Some("100.64.0.1"));
+        rs.extend(["b", "c", "d", "e"].map(|p| reg(p, "100.64.0.9")));
+        let s = status(None, None, rs, &Findings::default(), Utc::now());
+        assert_eq!(s.hostnames.as_deref(), Some("h-a, h-b, h-c (+2)"));
+        let none = status(
+            None,
+            None,
+            vec![replica("p", ReplicaState::Pending)],
+            &Findings::default(),
+            Utc::now(),
+        );
+        assert_eq!((none.hostnames, none.addresses), (None, None));
     }
 
     #[test]

@@ -46,6 +46,25 @@ pub async fn userspace_pods(c: Cluster) {
     })
     .await;
     assert!(st.is_some(), "status never showed pod a's tailnet IPs");
+    // Readable without -o yaml: `kubectl get tsn -o wide` and the pod's own annotations.
+    let (ok, wide, err) = c.kubectl(&["get", "tsn", "alpha", "-n", &ns.name, "-o", "wide"]);
+    assert!(ok, "kubectl get tsn -o wide: {err}");
+    let header = wide.lines().next().unwrap_or_default();
+    assert!(header.contains("HOSTNAMES") && header.contains("ADDRESSES"), "{wide}");
+    assert!(wide.contains(&ips(&secret_a)[0]), "-o wide lacks pod a's IP: {wide}");
+    let fqdn = data(&secret_a, "device_fqdn").unwrap_or_default();
+    let host = fqdn.split('.').next().unwrap_or_default().to_string();
+    assert!(
+        !host.is_empty() && wide.contains(&host),
+        "-o wide lacks pod a's hostname: {wide}"
+    );
+    let annotated = ns
+        .pod_where(&a, "annotated with its tailnet address", |p| {
+            p.annotations().get("tailnode.dev/tailnet-ips") == Some(&ips(&secret_a).join(","))
+        })
+        .await;
+    let name = annotated.annotations().get("tailnode.dev/tailnet-name").cloned();
+    assert_eq!(name.as_deref(), Some(fqdn.trim_end_matches('.')));
 
     // The native sidecar's startup probe gated the app: the tailnet was up when the app started.
     let (ok, log, err) = c.kubectl(&["logs", "-n", &ns.name, &a, "-c", "app"]);
