@@ -218,9 +218,12 @@ fn field_ref(name: &str, path: &str) -> EnvVar {
 
 /// The `tailscale up` arguments: login server, routes, exit node. Tags are not advertised: they
 /// ride on the auth key the controller mints (Headscale refuses `--advertise-tags` with a key).
+/// `--reset` first: containerboot runs `tailscale up` on every start (`TS_AUTH_ONCE=false`), and
+/// with `--reset` the preferences become exactly these, so a replica that keeps its state (a
+/// StatefulSet pod) picks up a changed spec when it restarts, including a setting turned off.
 pub(super) fn extra_args(plan: &Plan<'_>) -> Vec<String> {
     let spec = plan.spec;
-    let mut args = Vec::new();
+    let mut args = vec!["--reset".to_string()];
     let login = spec
         .control_url
         .clone()
@@ -262,16 +265,15 @@ fn env_vars(plan: &Plan<'_>, health_port: i32, extra: Vec<EnvVar>) -> Vec<EnvVar
         ));
     }
     env.push(value("TS_KUBE_SECRET", "ts-$(POD_NAME)"));
-    env.push(value("TS_AUTH_ONCE", "true"));
+    // `tailscale up` on every start (see `extra_args`). containerboot then leaves the used key in
+    // the Secret; the controller removes it once the device registered.
+    env.push(value("TS_AUTH_ONCE", "false"));
     env.push(value(
         "TS_USERSPACE",
         (plan.mode == EffectiveMode::Userspace).to_string(),
     ));
     env.push(value("TS_HOSTNAME", plan.hostname.clone()));
-    let args = extra_args(plan);
-    if !args.is_empty() {
-        env.push(value("TS_EXTRA_ARGS", args.join(" ")));
-    }
+    env.push(value("TS_EXTRA_ARGS", extra_args(plan).join(" ")));
     if plan.facts.defaults.no_logs_no_support {
         env.push(value("TS_TAILSCALED_EXTRA_ARGS", "--no-logs-no-support"));
     }

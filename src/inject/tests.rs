@@ -95,11 +95,15 @@ fn userspace_native_sidecar_passes_restricted() {
     assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
     assert_eq!(env_value(c, "TS_USERSPACE").as_deref(), Some("true"));
     assert_eq!(env_value(c, "TS_KUBE_SECRET").as_deref(), Some("ts-$(POD_NAME)"));
-    assert_eq!(env_value(c, "TS_AUTH_ONCE").as_deref(), Some("true"));
+    assert_eq!(
+        env_value(c, "TS_AUTH_ONCE").as_deref(),
+        Some("false"),
+        "up on every start"
+    );
     assert_eq!(env_value(c, "TS_HOSTNAME").as_deref(), Some("web-$(POD_NAME)"));
     assert_eq!(
         env_value(c, "TS_EXTRA_ARGS").as_deref(),
-        Some("--login-server=http://127.0.0.1:8080")
+        Some("--reset --login-server=http://127.0.0.1:8080")
     );
     assert_eq!(
         env_value(c, "TS_SERVE_CONFIG").as_deref(),
@@ -376,14 +380,14 @@ fn routes_exit_node_and_login_server_become_up_args() {
     let c = sidecar(&p);
     assert_eq!(
         env_value(c, "TS_EXTRA_ARGS").as_deref(),
-        Some("--login-server=https://default.example --accept-routes --advertise-exit-node")
+        Some("--reset --login-server=https://default.example --accept-routes --advertise-exit-node")
     );
     assert_eq!(env_value(c, "TS_ROUTES").as_deref(), Some("10.0.0.0/24"));
     let user = node(json!({"exitNode": {"use": "100.64.0.9"}, "controlURL": "https://mine.example"}));
     let (p, _) = injected(&pod(json!({})), &user, &f);
     assert_eq!(
         env_value(sidecar(&p), "TS_EXTRA_ARGS").as_deref(),
-        Some("--login-server=https://mine.example --exit-node=100.64.0.9")
+        Some("--reset --login-server=https://mine.example --exit-node=100.64.0.9")
     );
 }
 

@@ -16,6 +16,7 @@ mod blast;
 mod cluster;
 mod node;
 mod outage;
+mod prefs;
 mod tailnet;
 mod upgrade;
 mod workloads;
@@ -43,6 +44,9 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     }),
     ("job_with_native_sidecar_completes", |c| {
         Box::pin(node::job_completes(c))
+    }),
+    ("spec_change_reaches_a_restarted_statefulset_replica", |c| {
+        Box::pin(prefs::spec_change_reaches_a_stateful_replica(c))
     }),
 ];
 
