@@ -119,11 +119,17 @@ pub async fn upgrade_and_uninstall(c: Cluster) {
 
     // An upgrade that rolls the operator's pods: new pods, new leader, same state.
     let old_pods = operator_pods(&c);
-    upgrade_operator(&c, &["podAnnotations.tailnode-e2e/rollout=1"]).await;
-    let new_pods = operator_pods(&c);
+    upgrade_operator(&c, &["podAnnotations.tailnode-e2e/rollout=r1"]).await;
+    // helm --wait returns once the new pods are Ready; the old ones may still be terminating.
+    let replaced = support::eventually(WAIT, || async {
+        let now = operator_pods(&c);
+        (!now.is_empty() && now.iter().all(|p| !old_pods.contains(p))).then_some(now)
+    })
+    .await;
     assert!(
-        new_pods.iter().all(|p| !old_pods.contains(p)),
-        "the upgrade did not replace the operator's pods: {old_pods:?} -> {new_pods:?}"
+        replaced.is_some(),
+        "the upgrade did not replace the operator's pods: {old_pods:?} -> {:?}",
+        operator_pods(&c)
     );
     // The new operator works (a scaled-up replica gets its key) and left the others alone.
     let deploys = ns.api::<Deployment>();
