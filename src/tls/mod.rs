@@ -296,6 +296,12 @@ async fn serve_loop<H, F, IO>(
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => match limiter.try_admit(peer.ip()) {
                     Ok(permit) => {
+                        // Without it, Nagle holds the last segment of a response written in more
+                        // than one write (h2 HEADERS then DATA) until the client ACKs the first:
+                        // up to its delayed-ACK timeout (~40 ms) when no next request comes.
+                        if let Err(error) = tcp.set_nodelay(true) {
+                            debug!(%error, %peer, "setting TCP_NODELAY failed");
+                        }
                         let connection = handshake(tcp);
                         let (router, stop) = (router.clone(), shutdown.clone());
                         connections.spawn(conn::serve_connection(connection, router, limits, stop, peer, permit));

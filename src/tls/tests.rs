@@ -141,6 +141,28 @@ async fn failed_handshakes_do_not_stop_the_server() {
 }
 
 #[tokio::test]
+async fn accepted_connections_have_nagle_off() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(serve_loop(
+        listener,
+        router(),
+        ServerLimits::default(),
+        shutdown.clone(),
+        move |tcp: TcpStream| {
+            let _ = tx.send(tcp.nodelay().unwrap());
+            std::future::ready(Ok(tcp))
+        },
+    ));
+    let _client = TcpStream::connect(addr).await.unwrap();
+    assert!(rx.recv().await.unwrap(), "TCP_NODELAY is set before the handshake");
+    shutdown.cancel();
+    server.await.unwrap();
+}
+
+#[tokio::test]
 async fn shutdown_closes_idle_keep_alive_connections() {
     let (ca, cert) = ca_and_cert();
     let resolver = Arc::new(ReloadingCert::from_pem(&cert.cert_pem, &cert.key_pem).unwrap());

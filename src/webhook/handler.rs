@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Resource;
 use kube::api::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -30,7 +31,7 @@ pub struct WebhookState {
 
 const ENFORCE_LABEL: &str = "pod-security.kubernetes.io/enforce";
 
-fn deny(req: &AdmissionRequest<DynamicObject>, message: String) -> AdmissionReview<DynamicObject> {
+fn deny<T: Resource>(req: &AdmissionRequest<T>, message: String) -> AdmissionReview<DynamicObject> {
     AdmissionResponse::from(req).deny(message).into_review()
 }
 
@@ -38,6 +39,20 @@ fn deny(req: &AdmissionRequest<DynamicObject>, message: String) -> AdmissionRevi
 /// `injected`, `refreshed` (a reinvocation gave later-added containers the proxy env),
 /// `skipped`, `denied` or `error`.
 pub fn review(state: &WebhookState, body: &[u8]) -> (AdmissionReview<DynamicObject>, &'static str) {
+    // The common case in one typed parse (the dynamic path below parses the object twice more). A
+    // body that does not parse so (not a review, not a Pod, a broken Pod) takes the dynamic path,
+    // which says what is wrong.
+    if let Ok(typed) = serde_json::from_slice::<AdmissionReview<Pod>>(body)
+        && let Ok(mut req) = TryInto::<AdmissionRequest<Pod>>::try_into(typed)
+    {
+        let object = req.object.take();
+        return decide(state, &req, || object.map(Ok));
+    }
+    review_dynamic(state, body)
+}
+
+/// [`review`] without its typed fast path: the object read as a `DynamicObject`, then as a Pod.
+pub(super) fn review_dynamic(state: &WebhookState, body: &[u8]) -> (AdmissionReview<DynamicObject>, &'static str) {
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
@@ -53,6 +68,20 @@ pub fn review(state: &WebhookState, body: &[u8]) -> (AdmissionReview<DynamicObje
             return (AdmissionResponse::invalid(msg).into_review(), "error");
         }
     };
+    decide(state, &req, || {
+        req.object
+            .as_ref()
+            .map(|object| serde_json::to_value(object).and_then(serde_json::from_value))
+    })
+}
+
+/// Answers a parsed request; `pod` gives its object as a Pod (`None` when it has none), read only
+/// for a Pod CREATE.
+fn decide<T: Resource>(
+    state: &WebhookState,
+    req: &AdmissionRequest<T>,
+    pod: impl FnOnce() -> Option<Result<Pod, serde_json::Error>>,
+) -> (AdmissionReview<DynamicObject>, &'static str) {
     let ns = req.namespace.clone().unwrap_or_default();
     let span = info_span!("admission", uid = %req.uid, namespace = %ns, dry_run = req.dry_run);
     let _guard = span.enter();
@@ -62,31 +91,31 @@ pub fn review(state: &WebhookState, body: &[u8]) -> (AdmissionReview<DynamicObje
             "tailnode mutates only Pod CREATE requests, but got {:?} of {}/{} {}; fix the rules of the MutatingWebhookConfiguration",
             req.operation, kind.group, kind.version, kind.kind
         );
-        return (deny(&req, msg), "error");
+        return (deny(req, msg), "error");
     }
-    let Some(object) = req.object.as_ref() else {
-        return (
-            deny(&req, "tailnode: the Pod CREATE request has no object".into()),
-            "error",
-        );
-    };
-    let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
-        Ok(p) => p,
-        Err(e) => {
+    let pod: Pod = match pod() {
+        Some(Ok(p)) => p,
+        None => {
             return (
-                deny(&req, format!("tailnode: the object is not a valid Pod: {e}")),
+                deny(req, "tailnode: the Pod CREATE request has no object".into()),
+                "error",
+            );
+        }
+        Some(Err(e)) => {
+            return (
+                deny(req, format!("tailnode: the object is not a valid Pod: {e}")),
                 "error",
             );
         }
     };
     let Some(node_name) = pod.metadata.labels.as_ref().and_then(|l| l.get(NODE_LABEL)).cloned() else {
-        return (AdmissionResponse::from(&req).into_review(), "skipped");
+        return (AdmissionResponse::from(req).into_review(), "skipped");
     };
     let Some(node) = state.nodes.get(&ObjectRef::new(&node_name).within(&ns)) else {
         let msg = format!(
             "pod opts into tailnode with label {NODE_LABEL}={node_name}, but there is no TailscaleNode {node_name} in namespace {ns}; create it (kubectl get tsn -n {ns}) or fix the label"
         );
-        return (deny(&req, msg), "denied");
+        return (deny(req, msg), "denied");
     };
     let level = state
         .namespaces
@@ -102,29 +131,29 @@ pub fn review(state: &WebhookState, body: &[u8]) -> (AdmissionReview<DynamicObje
         api_server_host: state.api_server_host.clone(),
     };
     match inject_pod(&pod, &node, &facts) {
-        Ok(Outcome::Skipped(_)) => (AdmissionResponse::from(&req).into_review(), "skipped"),
+        Ok(Outcome::Skipped(_)) => (AdmissionResponse::from(req).into_review(), "skipped"),
         Ok(Outcome::Injected { object, mode }) => {
-            let reply = patched(&req, &pod, &object, "injected");
+            let reply = patched(req, &pod, &object, "injected");
             if reply.1 == "injected" {
                 info!(node = %node_name, mode = mode.as_str(), "injected sidecar");
             }
             reply
         }
         Ok(Outcome::Refreshed { object }) => {
-            let reply = patched(&req, &pod, &object, "refreshed");
+            let reply = patched(req, &pod, &object, "refreshed");
             if reply.1 == "refreshed" {
                 info!(node = %node_name, "gave proxy env to containers added since injection");
             }
             reply
         }
-        Err(e) => (deny(&req, format!("tailnode: {e}")), "denied"),
+        Err(e) => (deny(req, format!("tailnode: {e}")), "denied"),
     }
 }
 
 /// Allows the pod with the JSONPatch from `before` to `after`, both serialised through the same
 /// typed Pod. An empty diff is a plain allow without a patch, labelled `skipped`.
-fn patched(
-    req: &AdmissionRequest<DynamicObject>,
+fn patched<T: Resource>(
+    req: &AdmissionRequest<T>,
     before: &Pod,
     after: &Pod,
     label: &'static str,

@@ -193,6 +193,57 @@ fn tun_refused_in_restricted_namespace_is_explained() {
 }
 
 #[test]
+fn the_typed_fast_path_answers_like_the_dynamic_path() {
+    let deploy = json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+    let mut big = pod(Some("web"));
+    big["spec"]["containers"][0]["env"] = json!([{"name": "A", "value": "1"},
+        {"name": "B", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]);
+    big["spec"]["volumes"] = json!([{"name": "cache", "emptyDir": {}}]);
+    big["metadata"]["annotations"] = json!({"unknown.example/field": "kept"});
+    big["spec"]["unknownField"] = json!({"x": 1});
+    let bodies = [
+        request(pod(Some("web")), "CREATE", pod_kind()),
+        request(big, "CREATE", pod_kind()),
+        request(pod(None), "CREATE", pod_kind()),
+        request(pod(Some("db")), "CREATE", pod_kind()),
+        request(pod(Some("web")), "UPDATE", pod_kind()),
+        request(Value::Null, "CREATE", pod_kind()),
+        request(json!({"kind": "Deployment"}), "CREATE", deploy),
+        request(json!({"spec": {"containers": "nope"}}), "CREATE", pod_kind()),
+    ];
+    for body in &bodies[..5] {
+        let typed =
+            serde_json::from_slice::<kube::core::admission::AdmissionReview<k8s_openapi::api::core::v1::Pod>>(body);
+        assert!(typed.is_ok(), "the fast path takes Pod reviews: {typed:?}");
+    }
+    for level in [None, Some("restricted")] {
+        let state = state(level);
+        for body in &bodies {
+            let (fast, fast_label) = review(&state, body);
+            let (dynamic, dynamic_label) = review_dynamic(&state, body);
+            assert_eq!(fast_label, dynamic_label, "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                serde_json::to_value(&fast).unwrap(),
+                serde_json::to_value(&dynamic).unwrap(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_response_body_is_the_review_as_json() {
+    let (out, result) = review(&state(None), &request(pod(Some("web")), "CREATE", pod_kind()));
+    assert_eq!(result, "injected");
+    let response = json_response(&out);
+    assert_eq!(response.status(), axum::http::StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    assert_eq!(body, serde_json::to_vec(&out).unwrap());
+}
+
+#[test]
 fn native_sidecar_support_by_version() {
     assert!(supports_native_sidecars("1", "29"));
     assert!(supports_native_sidecars("1", "36+"));
