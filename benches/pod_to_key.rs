@@ -6,6 +6,9 @@
 //! clocks: at the create call, and at the watch event (`creationTimestamp` has 1 s resolution).
 //! Bounded: at most 100 sequential and 500 burst pods per API, 5 minutes per phase.
 //!
+//! `POD_TO_KEY_TRACE=1` prints each create and key with wall-clock times, to line up with the
+//! operator's logs.
+//!
 //! `cargo bench --features harness --bench pod_to_key -- [PODS] [BURST]` (defaults 50 and 200;
 //! starts or reuses the local harness). Last line:
 //! `pod_to_key pods=.. median_ms=.. p99_ms=.. burst_pods=.. burst_all_keyed_s=..` (the contract
@@ -103,6 +106,9 @@ async fn collect(rx: &mut UnboundedReceiver<Seen>, created: &HashMap<String, Ins
         };
         match seen {
             Seen::Keyed(p, at) => {
+                if std::env::var_os("POD_TO_KEY_TRACE").is_some() {
+                    eprintln!("{} keyed {p}", chrono::Utc::now().format("%H:%M:%S%.6f"));
+                }
                 if let Some(t) = created.get(&p)
                     && keyed.insert(p, ()).is_none()
                 {
@@ -166,6 +172,9 @@ async fn measure(
     for i in 0..pods {
         let name = format!("s{i}");
         let t = Instant::now();
+        if std::env::var_os("POD_TO_KEY_TRACE").is_some() {
+            eprintln!("{} create {name}", chrono::Utc::now().format("%H:%M:%S%.6f"));
+        }
         api.create(&PostParams::default(), &pod(&name)).await.unwrap();
         created = HashMap::from([(name, t)]);
         collect(&mut rx, &created, &mut seq, t).await;

@@ -92,7 +92,7 @@ impl CredentialCache {
     }
 }
 
-async fn read(client: &Client, ns: &str, name: &str, key: &str) -> Result<String, Problem> {
+async fn fetch(client: &Client, ns: &str, name: &str) -> Result<Secret, Problem> {
     let secret: Option<Secret> = Api::<Secret>::namespaced(client.clone(), ns)
         .get_opt(name)
         .await
@@ -100,14 +100,21 @@ async fn read(client: &Client, ns: &str, name: &str, key: &str) -> Result<String
             reason: "SecretUnreadable",
             message: format!("reading Secret {ns}/{name}: {e}"),
         })?;
-    let secret = secret.ok_or_else(|| Problem {
+    secret.ok_or_else(|| Problem {
         reason: "SecretMissing",
         message: format!("credential Secret {ns}/{name} does not exist"),
-    })?;
-    secret_value(&secret, key).ok_or_else(|| Problem {
+    })
+}
+
+fn value(secret: &Secret, ns: &str, name: &str, key: &str) -> Result<String, Problem> {
+    secret_value(secret, key).ok_or_else(|| Problem {
         reason: "SecretKeyMissing",
         message: format!("credential Secret {ns}/{name} has no key {key:?}"),
     })
+}
+
+async fn read(client: &Client, ns: &str, name: &str, key: &str) -> Result<String, Problem> {
+    value(&fetch(client, ns, name).await?, ns, name, key)
 }
 
 /// Reads the Secrets that `creds` names in `ns`.
@@ -115,9 +122,11 @@ pub async fn resolve(client: &Client, ns: &str, creds: &Credentials) -> Result<R
     if let Some(o) = &creds.oauth {
         let id_key = o.client_id_key.as_deref().unwrap_or("client_id");
         let secret_key = o.client_secret_key.as_deref().unwrap_or("client_secret");
+        // One read for both values.
+        let secret = fetch(client, ns, &o.secret_name).await?;
         return Ok(ResolvedCredentials::OAuth {
-            client_id: read(client, ns, &o.secret_name, id_key).await?,
-            client_secret: read(client, ns, &o.secret_name, secret_key).await?,
+            client_id: value(&secret, ns, &o.secret_name, id_key)?,
+            client_secret: value(&secret, ns, &o.secret_name, secret_key)?,
             api_url: o.api_url.clone().unwrap_or_else(|| "https://api.tailscale.com".into()),
             tailnet: o.tailnet.clone().unwrap_or_else(|| "-".into()),
         });

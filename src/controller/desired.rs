@@ -327,7 +327,15 @@ pub fn plan(
             .cloned()
             .collect()
     };
-    let mut actions = Vec::new();
+    // A Secret created now gets its key in the same pass (the caller skips any whose creation
+    // found a Secret that is not tailnode's).
+    let mut actions: Vec<SecretAction> = to_create
+        .iter()
+        .map(|r| SecretAction::Mint {
+            secret: r.secret.clone(),
+            pod: r.pod.clone(),
+        })
+        .collect();
     for s in secrets {
         let Some(name) = s.metadata.name.clone() else { continue };
         let annotations = s.metadata.annotations.clone().unwrap_or_default();

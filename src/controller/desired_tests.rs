@@ -99,6 +99,10 @@ fn plan_creates_mints_strips_and_retires() {
         actions,
         vec![
             SecretAction::Mint {
+                secret: "ts-a".into(),
+                pod: "a".into()
+            },
+            SecretAction::Mint {
                 secret: "ts-b".into(),
                 pod: String::new()
             },
@@ -331,12 +335,19 @@ fn finished_pods_are_no_replicas_unless_a_statefulset_restarts_them() {
         Utc::now(),
         false,
     );
+    // web-0 (a StatefulSet will restart it) has no Secret yet: it is created and keyed.
     assert_eq!(
         actions,
-        vec![SecretAction::Retire {
-            secret: "ts-job-a".into(),
-            device_id: Some("d1".into())
-        }]
+        vec![
+            SecretAction::Mint {
+                secret: "ts-web-0".into(),
+                pod: "web-0".into()
+            },
+            SecretAction::Retire {
+                secret: "ts-job-a".into(),
+                device_id: Some("d1".into())
+            }
+        ]
     );
 }
 

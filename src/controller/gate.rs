@@ -78,31 +78,33 @@ pub fn removal_patch(index: usize) -> serde_json::Value {
     ])
 }
 
-/// Asks the apiserver whether `account` in `ns` may use Secret `secret` as containerboot does.
+/// Asks the apiserver whether `account` in `ns` may use Secret `secret` as containerboot does
+/// (one SubjectAccessReview per verb, sent together).
 async fn granted(client: &kube::Client, ns: &str, account: &str, secret: &str) -> Result<bool, kube::Error> {
     let api: Api<SubjectAccessReview> = Api::all(client.clone());
-    for verb in SECRET_VERBS {
-        let review = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: Some(format!("system:serviceaccount:{ns}:{account}")),
-                groups: Some(vec![
-                    "system:serviceaccounts".into(),
-                    format!("system:serviceaccounts:{ns}"),
-                    "system:authenticated".into(),
-                ]),
-                resource_attributes: Some(ResourceAttributes {
-                    namespace: Some(ns.into()),
-                    verb: Some(verb.into()),
-                    resource: Some("secrets".into()),
-                    name: Some(secret.into()),
-                    ..Default::default()
-                }),
+    let reviews = SECRET_VERBS.map(|verb| SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(format!("system:serviceaccount:{ns}:{account}")),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{ns}"),
+                "system:authenticated".into(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(ns.into()),
+                verb: Some(verb.into()),
+                resource: Some("secrets".into()),
+                name: Some(secret.into()),
                 ..Default::default()
-            },
+            }),
             ..Default::default()
-        };
-        let answer = api.create(&PostParams::default(), &review).await?;
-        if !answer.status.is_some_and(|s| s.allowed) {
+        },
+        ..Default::default()
+    });
+    let pp = PostParams::default();
+    let answers = futures::future::join_all(reviews.iter().map(|r| api.create(&pp, r))).await;
+    for answer in answers {
+        if !answer?.status.is_some_and(|s| s.allowed) {
             return Ok(false);
         }
     }

@@ -1,6 +1,7 @@
 //! The TailscaleNode controller: per-replica state Secrets and keys, RBAC, serve ConfigMap,
 //! device cleanup and status. `desired` and `status` are pure; `reconcile` does the I/O.
 
+pub mod applied;
 pub mod credentials;
 pub mod desired;
 pub mod election;
@@ -168,6 +169,8 @@ pub struct Context {
     pub backoff: Backoff,
     /// Checked right before writes that must come from the leader only.
     pub fence: fence::Fence,
+    /// What was last written (Role, RoleBinding, serve ConfigMap), to skip identical writes.
+    pub applied: applied::Applied,
 }
 
 fn error_policy(node: Arc<TailscaleNode>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -203,6 +206,7 @@ pub async fn run(
         config,
         backoff: Backoff::default(),
         fence,
+        applied: applied::Applied::default(),
     });
     let to_node = |obj: &dyn Fn() -> (Option<String>, Option<String>)| {
         let (label, ns) = obj();

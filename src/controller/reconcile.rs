@@ -16,6 +16,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::warn;
 
+use super::applied;
 use super::desired::{self, NODE_FINALIZER, SecretAction};
 use super::gate;
 use super::secrets::{self, abandon_device, mint, retire, revoke};
@@ -131,23 +132,32 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
     let accounts: BTreeSet<String> = obs.replicas.iter().map(|r| r.service_account.clone()).collect();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let rbac = desired::rbac_name(&node);
-    Api::<Role>::namespaced(ctx.client.clone(), &ns)
-        .patch(&rbac, &pp, &Patch::Apply(&desired::role(&node, &names)))
-        .await
-        .map_err(Error::at(Step::Rbac))?;
-    Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns)
-        .patch(&rbac, &pp, &Patch::Apply(&desired::role_binding(&node, &accounts)))
-        .await
-        .map_err(Error::at(Step::Rbac))?;
+    let role = desired::role(&node, &names);
+    apply_once(
+        &ctx,
+        &Api::<Role>::namespaced(ctx.client.clone(), &ns),
+        &rbac,
+        &role,
+        Step::Rbac,
+    )
+    .await?;
+    let binding = desired::role_binding(&node, &accounts);
+    let bindings = Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns);
+    apply_once(&ctx, &bindings, &rbac, &binding, Step::Rbac).await?;
     let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let cm_name = serve_config_map_name(&key);
     match desired::serve_config_map(&node) {
-        Some(cm) => {
-            cm_api
-                .patch(&serve_config_map_name(&key), &pp, &Patch::Apply(&cm))
-                .await
-                .map_err(Error::at(Step::ServeConfig))?;
+        Some(cm) => apply_once(&ctx, &cm_api, &cm_name, &cm, Step::ServeConfig).await?,
+        None => {
+            // Remembered as "absent" like a write, so a node without serve does not delete on
+            // every reconcile.
+            let seen = applied_key(&ns, "ConfigMap", &cm_name);
+            let absent = applied::digest(&());
+            if !ctx.applied.is_current(&seen, &absent, std::time::Instant::now()) {
+                delete_ignoring_missing(&cm_api, &cm_name, Step::ServeConfig).await?;
+                ctx.applied.record(&seen, absent, std::time::Instant::now());
+            }
         }
-        None => delete_ignoring_missing(&cm_api, &serve_config_map_name(&key), Step::ServeConfig).await?,
     }
 
     let mut findings = Findings {
@@ -155,8 +165,10 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
         ..Default::default()
     };
     let mut failed = BTreeSet::new();
-    // A gated pod mints only once the apiserver confirms its grant, right before its gate opens:
-    // a pod that cannot start yet does not burn a key per key lifetime.
+    // A gated pod whose key expired unused gets a new one only once the apiserver confirms its
+    // grant, right before its gate opens: a pod that cannot start does not burn a key per key
+    // lifetime. Its first key is minted at once (the gate opens moments later, when the RBAC
+    // cache has the grant), which keeps pod-to-key fast.
     let gated: BTreeSet<&str> = obs
         .replicas
         .iter()
@@ -170,7 +182,7 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
             BTreeSet::new()
         }
     };
-    let may_mint = |secret: &str| !gated.contains(secret) || granted.contains(secret);
+    let may_replace = |secret: &str| !gated.contains(secret) || granted.contains(secret);
     for secret in &foreign {
         failed.insert(secret.clone());
         findings
@@ -198,7 +210,7 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
         match action {
             SecretAction::Mint { secret, pod } => {
                 let Some(api) = &api else { continue };
-                if !may_mint(&secret) {
+                if foreign.contains(&secret) {
                     continue;
                 }
                 if let Err(p) = mint(&ctx, &node, api.as_ref(), &secrets_api, &secret, &pod).await {
@@ -217,7 +229,7 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
                 let Some(api) = api.as_ref().filter(|a| a.kind() != "static") else {
                     continue;
                 };
-                if !may_mint(&secret) {
+                if !may_replace(&secret) {
                     continue;
                 }
                 match mint(&ctx, &node, api.as_ref(), &secrets_api, &secret, &pod).await {
@@ -321,6 +333,33 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
     Ok(Action::requeue(next))
 }
 
+fn applied_key(ns: &str, kind: &str, name: &str) -> String {
+    format!("{ns}/{kind}/{name}")
+}
+
+/// Server-side applies `obj` unless the same content was applied moments ago (see `applied`).
+async fn apply_once<K>(ctx: &Context, api: &Api<K>, name: &str, obj: &K, step: Step) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let key = applied_key(obj.meta().namespace.as_deref().unwrap_or_default(), &K::kind(&()), name);
+    let hash = applied::digest(obj);
+    if ctx.applied.is_current(&key, &hash, std::time::Instant::now()) {
+        return Ok(());
+    }
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    match api.patch(name, &pp, &Patch::Apply(obj)).await {
+        Ok(_) => {
+            ctx.applied.record(&key, hash, std::time::Instant::now());
+            Ok(())
+        }
+        Err(e) => {
+            ctx.applied.forget(&key);
+            Err(Error::at(step)(e))
+        }
+    }
+}
+
 /// The id of the unused key in the observed Secret `name`, if any.
 fn unused_key(secrets: &[Secret], name: &str) -> Option<String> {
     secrets
@@ -373,6 +412,7 @@ async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, 
         return Err(Error::Cleanup(problems.join("; ")));
     }
     let rbac = desired::rbac_name(&node);
+    ctx.applied.forget_prefix(&format!("{ns}/"));
     let teardown = Step::Teardown;
     delete_ignoring_missing(&Api::<Role>::namespaced(ctx.client.clone(), &ns), &rbac, teardown).await?;
     delete_ignoring_missing(
