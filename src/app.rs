@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::api::{Credentials, HeadscaleCredentials, OAuthCredentials, TailscaleNode};
 use crate::args::{Args, Command, CredentialKind, InjectArgs, RunArgs};
@@ -235,7 +235,6 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
             key_ttl: Duration::from_secs(a.key_ttl_seconds),
             default_credentials: default_credentials(&a),
         };
-        let cache = CredentialCache::new(key_api_factory(metrics.clone()));
         let (client, metrics, stop) = (client.clone(), metrics.clone(), shutdown.clone());
         let lease = LeaseConfig {
             namespace: a.namespace.clone(),
@@ -249,20 +248,25 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
         tasks.spawn(async move {
             // Followers are ready too: they serve the webhook and wait for the lease.
             ready.set(true);
-            if elect {
-                let (c, f) = (client.clone(), fence.clone());
-                run_as_leader(c, lease, f, stop.clone(), |lost| async move {
+            if !elect {
+                let cache = CredentialCache::new(key_api_factory(metrics.clone()));
+                crate::controller::run(client, metrics, cache, config, fence, stop.clone()).await;
+                return Ok(());
+            }
+            // A replica that loses the lease (an apiserver outage longer than the renew deadline,
+            // a pause) stops its controller and stands for election again, in-process: the
+            // webhook it serves stays up and the pod is not restarted.
+            while !stop.is_cancelled() {
+                let (c, f, l) = (client.clone(), fence.clone(), lease.clone());
+                let (client, metrics, config, fence) = (client.clone(), metrics.clone(), config.clone(), fence.clone());
+                run_as_leader(c, l, f, stop.clone(), |lost| async move {
+                    let cache = CredentialCache::new(key_api_factory(metrics.clone()));
                     crate::controller::run(client, metrics, cache, config, fence, lost).await;
                 })
                 .await;
-            } else {
-                crate::controller::run(client, metrics, cache, config, fence, stop.clone()).await;
-            }
-            if !stop.is_cancelled() {
-                // Leadership lost: stop so that the Deployment restarts us as a follower.
-                error!("controller stopped without a shutdown request");
-                stop.cancel();
-                anyhow::bail!("controller stopped (leadership lost)");
+                if !stop.is_cancelled() {
+                    warn!("leadership lost; controller stopped, standing for election again");
+                }
             }
             Ok(())
         });

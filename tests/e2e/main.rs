@@ -14,6 +14,7 @@ mod support;
 
 mod blast;
 mod cluster;
+mod faults;
 mod node;
 mod outage;
 mod prefs;
@@ -66,12 +67,24 @@ const ALONE: &[(&str, Scenario)] = &[
     }),
 ];
 
+/// Alone too, and only on the local harness: they restart its processes.
+const LOCAL_ALONE: &[(&str, Scenario)] = &[("apiserver_and_headscale_restarts_need_no_operator_restart", |c| {
+    Box::pin(faults::control_plane_faults(c))
+})];
+
 fn main() {
     // cargo passes libtest flags (e.g. --test-threads); anything not starting with '-' filters.
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let chosen: Vec<&(&str, Scenario)> = SCENARIOS.iter().filter(|(name, _)| wanted(name)).collect();
-    let alone: Vec<&(&str, Scenario)> = ALONE.iter().filter(|(name, _)| wanted(name)).collect();
+    // The local-harness-only scenarios are not listed at all on another cluster.
+    let local = std::env::var("TAILNODE_E2E_EXTERNAL").map_or(true, |v| v != "1");
+    let local_alone = LOCAL_ALONE.iter().filter(|_| local);
+    let alone: Vec<&(&str, Scenario)> = ALONE
+        .iter()
+        .chain(local_alone)
+        .filter(|(name, _)| wanted(name))
+        .collect();
     println!("\nrunning {} tests", chosen.len() + alone.len());
     if chosen.is_empty() && alone.is_empty() {
         println!("\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n");
