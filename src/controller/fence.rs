@@ -60,6 +60,14 @@ impl Fence {
     }
 
     /// Leadership is over for good (lost, stepped down, or shutting down).
+    /// The lease was (re-)acquired at `started`: current again after an earlier `revoke`.
+    pub fn acquired(&self, started: Instant) {
+        self.with_held(|_, h| {
+            h.revoked = false;
+            h.last_renewal = Some(started);
+        });
+    }
+
     pub fn revoke(&self) {
         self.with_held(|_, h| h.revoked = true);
     }
@@ -110,6 +118,20 @@ mod tests {
     }
 
     /// A replica that has never renewed, or whose leadership was revoked, may not write.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_acquired_again_after_a_step_down_makes_the_fence_current() {
+        let f = Fence::lease(timings());
+        f.acquired(Instant::now());
+        assert!(f.is_current());
+        f.revoke();
+        assert!(!f.is_current(), "stepped down");
+        // A renewal of the old term does not bring it back; acquiring the lease again does.
+        f.renewed(Instant::now());
+        assert!(!f.is_current());
+        f.acquired(Instant::now());
+        assert!(f.is_current());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn not_current_before_the_first_renewal_or_after_revoke() {
         let f = Fence::lease(timings());

@@ -173,7 +173,7 @@ where
             _ = tokio::time::sleep(timings.retry_period()) => {}
         }
     };
-    fence.renewed(acquired);
+    fence.acquired(acquired);
     let lost = shutdown.child_token();
     let renew = tokio::spawn(keep_renewing(holder, timings, fence.clone(), acquired, lost.clone()));
     work(lost.clone()).await;
