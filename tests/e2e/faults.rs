@@ -3,8 +3,9 @@
 //! renew deadline), then Headscale is down for 10 s. The operator's pods are never restarted
 //! (a replica that loses the lease stands for election again in-process), and after each fault
 //! a new replica is keyed and joins. Prints one line:
-//! `faults apiserver_recovered_s=.. headscale_recovered_s=.. operator_restarts=0`, each time
-//! from the end of the fault to a new replica keyed (apiserver) or joined (Headscale).
+//! `faults apiserver_recovered_s=.. headscale_recovered_s=.. operator_restarts=0`: the time from
+//! the webhook admitting pods again (apiserver) or from the restart (Headscale) to a new replica
+//! registered and Ready.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -105,6 +106,32 @@ pub async fn control_plane_faults(c: Cluster) {
     })
     .await;
     assert!(back.is_some(), "the apiserver did not come back");
+    // The node's heartbeats lapsed, so its pods (the operator's too) were not ready for a while
+    // and the webhook Service had no endpoints: that is the cluster recovering, not tailnode.
+    // Wait until the webhook admits a labelled pod again (a server-side dry run), then measure.
+    let t = Instant::now();
+    let probe: Pod = serde_json::from_value(
+        json!({"metadata": {"name": "probe", "labels": {"tailnode.dev/node": "web"}},
+        "spec": {"containers": [{"name": "app", "image": c.app_image}]}}),
+    )
+    .unwrap();
+    let dry = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let pods = ns.api::<Pod>();
+    let admitted = support::eventually(Duration::from_secs(300), || async {
+        pods.create(&dry, &probe).await.ok()
+    })
+    .await;
+    assert!(
+        admitted.is_some(),
+        "the webhook never admitted a pod again after the apiserver restart"
+    );
+    println!(
+        "webhook reachable again {:.1}s after the apiserver answered",
+        t.elapsed().as_secs_f64()
+    );
     let apiserver_recovered = scale_and_join(&ns, 2).await;
 
     // Headscale goes away: running sidecars reconnect, a new replica is keyed and joins.
