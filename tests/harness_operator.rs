@@ -243,13 +243,25 @@ async fn deployment_replicas_get_sidecars_keys_rbac_status_and_cleanup() {
     let authkey_gone = e.ns.api::<Secret>().get(&names[0]).await.unwrap();
     assert!(data(&authkey_gone, "authkey").is_none());
 
-    // A reconcile with nothing changed (like a container restart) mints and deletes nothing.
-    let poke = json!({"metadata": {"annotations": {"test/poke": "1"}}});
-    e.ns.api::<TailscaleNode>()
-        .patch("web", &PatchParams::default(), &Patch::Merge(&poke))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A reconcile with nothing to do for the keys (a spec change that only a new pod would see)
+    // mints and deletes nothing: wait for the status to report the new generation, a positive
+    // sign that the reconcile ran, then look.
+    let poke = json!({"spec": {"sidecar": {"env": [{"name": "TEST_POKE", "value": "1"}]}}});
+    let poked =
+        e.ns.api::<TailscaleNode>()
+            .patch("web", &PatchParams::default(), &Patch::Merge(&poke))
+            .await
+            .unwrap();
+    let generation = poked.metadata.generation;
+    let seen = eventually(WAIT, || async {
+        let n = e.ns.api::<TailscaleNode>().get("web").await.ok()?;
+        (n.status?.observed_generation == generation).then_some(())
+    })
+    .await;
+    assert!(
+        seen.is_some(),
+        "the reconcile of generation {generation:?} never reported"
+    );
     assert_eq!(f.ledger().mints.len(), 2);
     assert!(f.ledger().deletions.is_empty());
 
@@ -377,7 +389,13 @@ async fn statefulset_secrets_survive_pod_deletion_and_use_real_headscale() {
     })
     .await;
     assert!(back.is_some(), "the StatefulSet recreates db-0 with the sidecar");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The controller has handled the new pod once it opened its gate (registered state is enough).
+    let opened = eventually(WAIT, || async {
+        let p = e.ns.api::<Pod>().get_opt("db-0").await.ok()??;
+        (!tailnode::inject::is_gated(p.spec.as_ref())).then_some(())
+    })
+    .await;
+    assert!(opened.is_some(), "the recreated db-0 was never released");
     let kept = e.ns.api::<Secret>().get("ts-db-0").await.unwrap();
     assert_eq!(kept.metadata.uid, uid, "the Secret survived");
     assert_eq!(data(&kept, "device_id").as_deref(), Some("90000"));
@@ -480,28 +498,22 @@ async fn webhook_edges_dry_run_malformed_and_selectors() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    // The webhook may need a moment to see the new TailscaleNode in its cache.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-
-    // Dry run: the answer is injected, nothing is stored, nothing is minted.
+    // Dry run: the answer is injected, nothing is stored, nothing is minted. (The webhook's cache
+    // learns of the new TailscaleNode within moments: until then it refuses, so retry.)
     let pod: Pod = serde_json::from_value(
         json!({"metadata": {"name": "dry", "labels": {"tailnode.dev/node": "web"}},
         "spec": {"containers": [{"name": "app", "image": "nginx"}]}}),
     )
     .unwrap();
-    let dry =
-        e.ns.api::<Pod>()
-            .create(
-                &PostParams {
-                    dry_run: true,
-                    ..Default::default()
-                },
-                &pod,
-            )
-            .await
-            .unwrap();
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let pods = e.ns.api::<Pod>();
+    let dry = eventually(WAIT, || async { pods.create(&dry_run, &pod).await.ok() })
+        .await
+        .expect("the dry run was never admitted");
     assert!(has_sidecar(&dry), "dry-run shows the injected pod");
-    tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(e.ns.api::<Pod>().get_opt("dry").await.unwrap().is_none());
     assert!(e.ns.api::<Secret>().get_opt("ts-dry").await.unwrap().is_none());
     assert!(f.ledger().mints.is_empty());
