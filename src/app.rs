@@ -209,6 +209,8 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
             defaults: a.operator_defaults(),
             api_server_host: a.api_server_host.clone().filter(|h| !h.is_empty()),
             metrics: metrics.clone(),
+            // Never opted in as a whole, whatever their labels say.
+            protected_namespaces: vec!["kube-system".to_string(), a.namespace.clone()],
         });
         let listener = tokio::net::TcpListener::bind(a.webhook_addr)
             .await

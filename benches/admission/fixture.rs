@@ -41,6 +41,7 @@ pub fn state() -> WebhookState {
         defaults: OperatorDefaults::default(),
         api_server_host: None,
         metrics: Arc::new(Metrics::default()),
+        protected_namespaces: vec!["kube-system".into()],
     }
 }
 

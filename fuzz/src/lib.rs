@@ -17,6 +17,8 @@ const WORDS: &[&str] = &[
     "tailnode.dev/injected",
     "tailnode.dev/mode",
     "tailnode.dev/spec",
+    "tailnode.dev/inject",
+    "team",
     "tailnode.dev/hostname",
     "tailnode.dev/credentials",
     "tailnode-state",
@@ -302,7 +304,7 @@ pub fn webhook_state(
 
     let specs = node_specs();
     let mut nodes = Writer::<TailscaleNode>::default();
-    for ns in ["apps", "locked"] {
+    for ns in ["apps", "locked", "team"] {
         let mut named = vec![
             ("web", web_spec.clone()),
             ("tun", specs[2].clone()),
@@ -322,8 +324,13 @@ pub fn webhook_state(
         ("apps", None),
         ("locked", Some("restricted")),
         ("base", Some("baseline")),
+        ("team", None),
     ] {
-        let labels = level.map_or(json!({}), |l| json!({"pod-security.kubernetes.io/enforce": l}));
+        let mut labels = level.map_or(json!({}), |l| json!({"pod-security.kubernetes.io/enforce": l}));
+        if name == "team" {
+            // Opted in as a whole.
+            labels["tailnode.dev/node"] = json!("web");
+        }
         if let Ok(ns) = serde_json::from_value::<Namespace>(json!({"metadata": {"name": name, "labels": labels}})) {
             namespaces.apply_watcher_event(&Event::Apply(ns));
         }
@@ -335,6 +342,7 @@ pub fn webhook_state(
         defaults: tailnode::inject::OperatorDefaults::default(),
         api_server_host: None,
         metrics,
+        protected_namespaces: vec!["kube-system".into(), "tailnode-system".into()],
     }
 }
 

@@ -4,11 +4,13 @@
 mod env;
 mod facts;
 mod hostname;
+mod optin;
 mod serve;
 mod sidecar;
 
 pub use facts::{ClusterFacts, DEFAULT_IMAGE, OperatorDefaults, PodSecurityLevel, WorkloadKind};
 pub use hostname::{MAX_HOSTNAME, bound_label};
+pub use optin::{INJECT_LABEL, Membership, membership};
 pub use serve::{ServeConfig, render_serve_config};
 pub use sidecar::{DEFAULT_HEALTH_PORT, SERVE_DIR, SERVE_FILE};
 

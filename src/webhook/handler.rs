@@ -10,7 +10,10 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use tracing::{info, info_span, warn};
 
 use crate::api::{NODE_LABEL, TailscaleNode};
-use crate::inject::{ClusterFacts, OperatorDefaults, Outcome, PodSecurityLevel, WorkloadKind, inject_pod};
+use crate::inject::{
+    ClusterFacts, INJECT_LABEL, Membership, OperatorDefaults, Outcome, PodSecurityLevel, WorkloadKind, inject_pod,
+    membership,
+};
 use crate::metrics::Metrics;
 
 /// What the handler reads.
@@ -27,6 +30,8 @@ pub struct WebhookState {
     pub api_server_host: Option<String>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Namespaces that can never be opted in as a whole (kube-system, the operator's own).
+    pub protected_namespaces: Vec<String>,
 }
 
 const ENFORCE_LABEL: &str = "pod-security.kubernetes.io/enforce";
@@ -108,18 +113,26 @@ fn decide<T: Resource>(
             );
         }
     };
-    let Some(node_name) = pod.metadata.labels.as_ref().and_then(|l| l.get(NODE_LABEL)).cloned() else {
-        return (AdmissionResponse::from(req).into_review(), "skipped");
+    let namespace = state.namespaces.get(&ObjectRef::new(&ns));
+    let (node_name, by_namespace) = match membership(&pod, namespace.as_deref(), &state.protected_namespaces) {
+        Membership::Pod(n) => (n, false),
+        Membership::Namespace(n) => (n, true),
+        Membership::None => return (AdmissionResponse::from(req).into_review(), "skipped"),
     };
     let Some(node) = state.nodes.get(&ObjectRef::new(&node_name).within(&ns)) else {
-        let msg = format!(
-            "pod opts into tailnode with label {NODE_LABEL}={node_name}, but there is no TailscaleNode {node_name} in namespace {ns}; create it (kubectl get tsn -n {ns}) or fix the label"
-        );
+        let msg = if by_namespace {
+            format!(
+                "namespace {ns} opts every pod into tailnode with label {NODE_LABEL}={node_name}, but there is no TailscaleNode {node_name} in it; create it, fix the namespace's label, or label the pod {INJECT_LABEL}=false"
+            )
+        } else {
+            format!(
+                "pod opts into tailnode with label {NODE_LABEL}={node_name}, but there is no TailscaleNode {node_name} in namespace {ns}; create it (kubectl get tsn -n {ns}) or fix the label"
+            )
+        };
         return (deny(req, msg), "denied");
     };
-    let level = state
-        .namespaces
-        .get(&ObjectRef::new(&ns))
+    let level = namespace
+        .as_ref()
         .and_then(|n| n.metadata.labels.as_ref().and_then(|l| l.get(ENFORCE_LABEL)).cloned());
     let facts = ClusterFacts {
         native_sidecars: state.native_sidecars,
@@ -130,7 +143,17 @@ fn decide<T: Resource>(
         defaults: state.defaults.clone(),
         api_server_host: state.api_server_host.clone(),
     };
-    match inject_pod(&pod, &node, &facts) {
+    // A pod opted in by its namespace is injected as if it carried the label, and gets it: the
+    // controller finds its replicas by that label.
+    let mut pod_in = pod.clone();
+    if by_namespace {
+        pod_in
+            .metadata
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert(NODE_LABEL.to_string(), node_name.clone());
+    }
+    match inject_pod(&pod_in, &node, &facts) {
         Ok(Outcome::Skipped(_)) => (AdmissionResponse::from(req).into_review(), "skipped"),
         Ok(Outcome::Injected { object, mode }) => {
             let reply = patched(req, &pod, &object, "injected");

@@ -29,6 +29,7 @@ fn state(level: Option<&str>) -> WebhookState {
         defaults: OperatorDefaults::default(),
         api_server_host: None,
         metrics: std::sync::Arc::new(Metrics::default()),
+        protected_namespaces: vec!["kube-system".into(), "tailnode-system".into()],
     }
 }
 
@@ -316,4 +317,52 @@ fn an_ipv6_apiserver_host_reaches_the_sidecar_bracketed() {
     let (_, doc, _) = admit(&exporting_state(Some("10.96.0.1")), &pod(Some("web")));
     let env = doc["spec"]["initContainers"][0]["env"].as_array().unwrap().clone();
     assert!(env.iter().all(|e| e["name"] != "KUBERNETES_SERVICE_HOST"));
+}
+
+/// `state` whose namespace `apps` carries `tailnode.dev/node: <node>`.
+fn opted_in_state(node: &str) -> WebhookState {
+    let s = state(None);
+    let mut namespaces = Writer::<Namespace>::default();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "apps",
+        "labels": {"tailnode.dev/node": node}}}))
+    .unwrap();
+    namespaces.apply_watcher_event(&Event::Apply(ns));
+    WebhookState {
+        namespaces: namespaces.as_reader(),
+        ..s
+    }
+}
+
+#[test]
+fn a_namespace_label_opts_in_unlabelled_pods_and_labels_them() {
+    let (out, result) = review(&opted_in_state("web"), &request(pod(None), "CREATE", pod_kind()));
+    assert_eq!(result, "injected");
+    let raw = String::from_utf8(patch_bytes(&response(&out))).unwrap();
+    assert!(
+        raw.contains("/metadata/labels/tailnode.dev~1node"),
+        "the pod gets the node label: {raw}"
+    );
+    assert!(raw.contains("\"name\":\"tailscale\""), "{raw}");
+    // Opted out by its own label: left alone.
+    let mut out_pod = pod(None);
+    out_pod["metadata"]["labels"] = json!({"tailnode.dev/inject": "false"});
+    let (out, result) = review(&opted_in_state("web"), &request(out_pod, "CREATE", pod_kind()));
+    assert_eq!(result, "skipped");
+    assert!(response(&out).get("patch").is_none());
+    // A namespace naming a node that does not exist: refused, saying how to get out.
+    let (out, result) = review(&opted_in_state("gone"), &request(pod(None), "CREATE", pod_kind()));
+    assert_eq!(result, "denied");
+    let msg = response(&out)["status"]["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("namespace apps") && msg.contains("tailnode.dev/inject=false"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn protected_namespaces_are_never_opted_in_as_a_whole() {
+    let mut s = opted_in_state("web");
+    s.protected_namespaces = vec!["apps".into()];
+    let (_, result) = review(&s, &request(pod(None), "CREATE", pod_kind()));
+    assert_eq!(result, "skipped");
 }

@@ -46,6 +46,9 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("job_with_native_sidecar_completes", |c| {
         Box::pin(node::job_completes(c))
     }),
+    ("namespace_label_opts_in_every_pod_but_opted_out_ones", |c| {
+        Box::pin(node::namespace_opt_in(c))
+    }),
     ("spec_change_reaches_a_restarted_statefulset_replica", |c| {
         Box::pin(prefs::spec_change_reaches_a_stateful_replica(c))
     }),

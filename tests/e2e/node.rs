@@ -156,3 +156,48 @@ pub async fn job_completes(c: Cluster) {
     assert!(log.contains("job-done"), "{log}");
     ns.delete().await;
 }
+
+/// Namespace-wide opt-in: a namespace labelled `tailnode.dev/node: web` has its unlabelled pods
+/// injected (and labelled) for TailscaleNode `web`; a pod labelled `tailnode.dev/inject: "false"`
+/// is left alone.
+pub async fn namespace_opt_in(c: Cluster) {
+    let ns = Ns::new(&c, "optin", json!({"tailnode.dev/node": "web"})).await;
+    node(&ns, "web", json!({"tags": ["tag:k8s"]})).await;
+    // The webhook's caches learn of the node within moments; until then it refuses (Fail).
+    let app = crate::workloads::app_container(&c, "opted in by its namespace");
+    ns.create::<k8s_openapi::api::apps::v1::Deployment>(json!({"metadata": {"name": "plain"}, "spec": {
+        "replicas": 1, "selector": {"matchLabels": {"app": "plain"}},
+        "template": {"metadata": {"labels": {"app": "plain"}},
+            "spec": {"terminationGracePeriodSeconds": 2, "containers": [app.clone()]}}}}))
+        .await;
+    let pod = ns.ready_pod("plain").await;
+    assert_eq!(
+        pod.labels().get("tailnode.dev/node").map(String::as_str),
+        Some("web"),
+        "labelled by the webhook"
+    );
+    let s = ns
+        .secret_where(&format!("ts-{}", pod.name_any()), |s| data(s, "device_id").is_some())
+        .await;
+    assert!(c.headscale_node(&data(&s, "device_id").unwrap()).await.is_some());
+    // Opted out: no sidecar, no Secret.
+    ns.create::<k8s_openapi::api::core::v1::Pod>(json!({"metadata": {"name": "out",
+        "labels": {"app": "out", "tailnode.dev/inject": "false"}},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [app]}}))
+        .await;
+    let out = ns
+        .pod_where("out", "Running", |p| {
+            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
+        .await;
+    let spec = out.spec.unwrap();
+    assert!(
+        spec.init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .all(|c| c.name != "tailscale"),
+        "the opted-out pod was injected"
+    );
+    ns.delete().await;
+}

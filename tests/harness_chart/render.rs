@@ -126,6 +126,21 @@ fn chart_renders_self_managed_and_cert_manager_variants() {
         hook["namespaceSelector"]["matchExpressions"][0],
         json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["tailnode-system", "kube-system"]})
     );
+    // Namespace-wide opt-in: unlabelled pods in namespaces labelled for a node, never the
+    // excluded namespaces, never a pod that opts out.
+    let ns_hook = &mwc["webhooks"][1];
+    assert_eq!(ns_hook["name"], "namespace.inject.tailnode.dev");
+    assert_eq!(ns_hook["clientConfig"], hook["clientConfig"]);
+    assert_eq!(
+        ns_hook["namespaceSelector"]["matchExpressions"],
+        json!([{"key": "tailnode.dev/node", "operator": "Exists"},
+               {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["tailnode-system", "kube-system"]}])
+    );
+    assert_eq!(
+        ns_hook["objectSelector"]["matchExpressions"],
+        json!([{"key": "tailnode.dev/node", "operator": "DoesNotExist"},
+               {"key": "tailnode.dev/inject", "operator": "NotIn", "values": ["false"]}])
+    );
     assert!(mwc["metadata"]["annotations"].is_null(), "no cert-manager annotation");
     let deployment = one(&docs, "Deployment");
     let run = parse_run_args(&container_args(deployment));
