@@ -324,6 +324,14 @@ pub struct SidecarSpec {
     /// TUN mode only: run the sidecar `privileged` (some clusters need it for kernel networking).
     #[serde(default)]
     pub privileged: bool,
+    /// Only the sidecar gets a ServiceAccount token (a projected volume of its own); the app
+    /// containers get none (`automountServiceAccountToken: false` on the pod), so a compromised
+    /// app cannot read or write the replica's tailnet state. Off by default: an app that calls
+    /// the Kubernetes API needs the pod's token, and a pod has one ServiceAccount, so such an app
+    /// cannot be isolated this way. Pods with `shareProcessNamespace` are refused when this is on
+    /// (the app could read the sidecar's files through `/proc/<pid>/root`).
+    #[serde(default)]
+    pub isolate_credentials: bool,
 }
 
 /// Image pull policy.

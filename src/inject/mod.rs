@@ -74,6 +74,11 @@ pub enum InjectError {
         "TailscaleNode {node} asks for mode tun, but namespace PodSecurity level '{level}' forbids NET_ADMIN and hostPath /dev/net/tun; use mode userspace or auto, or label the namespace pod-security.kubernetes.io/enforce=privileged (an unlabelled namespace is taken to be at the operator's --default-pod-security level, the cluster's default)"
     )]
     TunForbidden { node: String, level: &'static str },
+    /// `isolateCredentials` cannot hold when the app shares the sidecar's process namespace.
+    #[error(
+        "TailscaleNode {node} isolates the sidecar's credentials (spec.sidecar.isolateCredentials), but the pod sets shareProcessNamespace: true, which would let the app read them through /proc; remove one of the two"
+    )]
+    SharedProcessNamespace { node: String },
     /// hostNetwork pods would put the node's own network on the tailnet.
     #[error("pod uses hostNetwork; tailnode injects only pods with their own network namespace")]
     HostNetwork,
@@ -137,6 +142,10 @@ pub fn inject_template(
     if spec.host_network == Some(true) {
         return Err(InjectError::HostNetwork);
     }
+    let isolate = node.spec.sidecar.as_ref().is_some_and(|s| s.isolate_credentials);
+    if isolate && spec.share_process_namespace == Some(true) {
+        return Err(InjectError::SharedProcessNamespace { node: node_name });
+    }
     let mode = effective_mode(&node_name, &node.spec, facts)?;
     let native = match node.spec.sidecar.as_ref().map(|s| s.native_sidecar).unwrap_or_default() {
         NativeSidecar::Auto => facts.native_sidecars,
@@ -153,9 +162,13 @@ pub fn inject_template(
         mode,
         native,
         hostname: hostname::hostname_for(&meta, &node_name, &node.spec, facts.workload),
-        own_token: spec.automount_service_account_token == Some(false),
+        own_token: isolate || spec.automount_service_account_token == Some(false),
     };
     let mut spec = spec;
+    if isolate {
+        // The app containers get no token; the sidecar mounts its own (`own_token`).
+        spec.automount_service_account_token = Some(false);
+    }
     sidecar::add(&mut spec, &plan)?;
     let mut meta = meta;
     let annotations = meta.annotations.get_or_insert_with(Default::default);

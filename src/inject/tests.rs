@@ -446,6 +446,38 @@ fn pods_without_automounted_token_get_one_for_the_sidecar_only() {
 }
 
 #[test]
+fn isolated_credentials_give_the_token_to_the_sidecar_alone() {
+    let n = node(json!({"sidecar": {"isolateCredentials": true}}));
+    let (out, _) = injected(&pod(json!({})), &n, &facts(PodSecurityLevel::Restricted, true));
+    let spec = out.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.automount_service_account_token,
+        Some(false),
+        "the app gets no token"
+    );
+    let c = sidecar(&out);
+    assert!(
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == "/var/run/secrets/kubernetes.io/serviceaccount")
+    );
+    assert!(spec.containers[0].volume_mounts.is_none());
+    // Without the option, an app keeps the pod's token.
+    let (plain, _) = injected(
+        &pod(json!({})),
+        &node(json!({})),
+        &facts(PodSecurityLevel::Restricted, true),
+    );
+    assert_eq!(plain.spec.as_ref().unwrap().automount_service_account_token, None);
+    // A shared process namespace would expose the sidecar's files to the app: refused.
+    let shared = pod(json!({"spec": {"shareProcessNamespace": true}}));
+    let err = inject_pod(&shared, &n, &facts(PodSecurityLevel::Restricted, true)).unwrap_err();
+    assert!(matches!(err, InjectError::SharedProcessNamespace { .. }), "{err}");
+    assert!(err.to_string().contains("shareProcessNamespace"));
+}
+
+#[test]
 fn skips_and_refusals() {
     let f = facts(PodSecurityLevel::Restricted, true);
     let unlabelled = pod(json!({"metadata": {"labels": {"tailnode.dev/node": null}}}));

@@ -49,6 +49,9 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("namespace_label_opts_in_every_pod_but_opted_out_ones", |c| {
         Box::pin(node::namespace_opt_in(c))
     }),
+    ("isolated_credentials_leave_the_app_without_a_token", |c| {
+        Box::pin(node::isolated_credentials(c))
+    }),
     ("spec_change_reaches_a_restarted_statefulset_replica", |c| {
         Box::pin(prefs::spec_change_reaches_a_stateful_replica(c))
     }),

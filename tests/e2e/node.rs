@@ -201,3 +201,54 @@ pub async fn namespace_opt_in(c: Cluster) {
     );
     ns.delete().await;
 }
+
+/// `spec.sidecar.isolateCredentials`: the app container has no ServiceAccount token at all (so
+/// nothing it holds can read the state Secret); the sidecar, with a token of its own, joins and
+/// survives a restart without a new key.
+pub async fn isolated_credentials(c: Cluster) {
+    let ns = Ns::new(&c, "isolate", json!({})).await;
+    node(
+        &ns,
+        "web",
+        json!({"tags": ["tag:k8s"], "sidecar": {"isolateCredentials": true}}),
+    )
+    .await;
+    deployment(&c, &ns, "web", "web", "default", "isolated").await;
+    let pod = ns.ready_pod("web").await;
+    let name = pod.name_any();
+    assert_eq!(pod.spec.as_ref().unwrap().automount_service_account_token, Some(false));
+    let secret = format!("ts-{name}");
+    let s = ns.secret_where(&secret, |s| data(s, "device_id").is_some()).await;
+    let (device, minted) = (
+        data(&s, "device_id").unwrap(),
+        s.annotations().get("tailnode.dev/minted-at").cloned(),
+    );
+    // The app: no token file, no service-account directory.
+    let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let (ok, out, _) = c.exec(&ns.name, &name, "app", &["ls", sa]);
+    assert!(!ok, "the app container sees {sa}: {out}");
+    let (ok, _, _) = c.exec(&ns.name, &name, "app", &["cat", &format!("{sa}/token")]);
+    assert!(!ok, "the app container can read a token");
+    // The sidecar has its own, and uses it: a restart rejoins as the same device, no new key.
+    let (ok, _, err) = c.exec(
+        &ns.name,
+        &name,
+        "tailscale",
+        &["sh", "-c", &format!("test -s {sa}/token")],
+    );
+    assert!(ok, "the sidecar has no token: {err}");
+    let (ok, _, err) = c.exec(&ns.name, &name, "tailscale", &["kill", "-TERM", "1"]);
+    assert!(ok, "kill: {err}");
+    ns.pod_where(&name, "restarted and Ready", |p| {
+        crate::cluster::sidecar_restarts(p) >= 1 && crate::cluster::is_ready(p)
+    })
+    .await;
+    let after = ns.secret_where(&secret, |s| !ips(s).is_empty()).await;
+    assert_eq!(data(&after, "device_id"), Some(device), "same device after the restart");
+    assert_eq!(
+        after.annotations().get("tailnode.dev/minted-at").cloned(),
+        minted,
+        "a new key was minted"
+    );
+    ns.delete().await;
+}
