@@ -11,15 +11,16 @@ use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, Ns, OPERATOR_NS, WAIT, is_ready};
 use crate::support;
-use crate::workloads::{RELEASE, app_container, node, upgrade_operator};
+use crate::workloads::{RELEASE, app_container, node, restricted, upgrade_operator};
 
 async fn dry_run(c: &Cluster, ns: &str, labelled: bool) -> Result<(), String> {
     let mut labels = json!({"app": "blast"});
     if labelled {
         labels["tailnode.dev/node"] = json!("web");
     }
+    // PodSecurity `restricted`-compliant: the operator's namespace enforces it.
     let pod: Pod = serde_json::from_value(json!({"metadata": {"generateName": "blast-", "labels": labels},
-        "spec": {"containers": [{"name": "app", "image": c.app_image}]}}))
+        "spec": {"containers": [{"name": "app", "image": c.app_image, "securityContext": restricted()}]}}))
     .unwrap();
     let pp = PostParams {
         dry_run: true,
