@@ -166,8 +166,11 @@ pub fn inject_template(
     };
     let mut spec = spec;
     if isolate {
-        // The app containers get no token; the sidecar mounts its own (`own_token`).
+        // The app containers get no token; the sidecar mounts its own (`own_token`). The
+        // apiserver's ServiceAccount admission ran before this webhook and already mounted the
+        // token into every container: take that out again.
         spec.automount_service_account_token = Some(false);
+        strip_token_volumes(&mut spec);
     }
     sidecar::add(&mut spec, &plan)?;
     let mut meta = meta;
@@ -264,6 +267,41 @@ pub fn effective_mode(
             node: node.to_string(),
             level: facts.pod_security.as_str(),
         }),
+    }
+}
+
+/// Removes the ServiceAccount token volumes the apiserver adds (`kube-api-access-*`, a projected
+/// volume with a `serviceAccountToken` source) and every container's mount of them.
+fn strip_token_volumes(spec: &mut k8s_openapi::api::core::v1::PodSpec) {
+    let token_volumes: Vec<String> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| {
+            v.name.starts_with("kube-api-access-")
+                && v.projected
+                    .as_ref()
+                    .is_some_and(|p| p.sources.iter().flatten().any(|s| s.service_account_token.is_some()))
+        })
+        .map(|v| v.name.clone())
+        .collect();
+    if token_volumes.is_empty() {
+        return;
+    }
+    if let Some(volumes) = spec.volumes.as_mut() {
+        volumes.retain(|v| !token_volumes.contains(&v.name));
+    }
+    let containers = spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten());
+    for c in containers {
+        if let Some(mounts) = c.volume_mounts.as_mut() {
+            mounts.retain(|m| !token_volumes.contains(&m.name));
+            if mounts.is_empty() {
+                c.volume_mounts = None;
+            }
+        }
     }
 }
 

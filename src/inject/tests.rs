@@ -470,6 +470,23 @@ fn isolated_credentials_give_the_token_to_the_sidecar_alone() {
         &facts(PodSecurityLevel::Restricted, true),
     );
     assert_eq!(plain.spec.as_ref().unwrap().automount_service_account_token, None);
+    // The token the apiserver's ServiceAccount admission already mounted is taken out again.
+    let mounted = pod(json!({"spec": {
+        "containers": [{"name": "app", "image": "nginx",
+            "volumeMounts": [{"name": "kube-api-access-x1", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true},
+                             {"name": "data", "mountPath": "/data"}]}],
+        "volumes": [{"name": "kube-api-access-x1", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}},
+                    {"name": "data", "emptyDir": {}}]}}));
+    let (out, _) = injected(&mounted, &n, &facts(PodSecurityLevel::Restricted, true));
+    let spec = out.spec.as_ref().unwrap();
+    let app_mounts: Vec<&str> = spec.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(app_mounts, ["data"]);
+    assert!(spec.volumes.iter().flatten().all(|v| v.name != "kube-api-access-x1"));
     // A shared process namespace would expose the sidecar's files to the app: refused.
     let shared = pod(json!({"spec": {"shareProcessNamespace": true}}));
     let err = inject_pod(&shared, &n, &facts(PodSecurityLevel::Restricted, true)).unwrap_err();
