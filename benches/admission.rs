@@ -67,23 +67,39 @@ struct Args {
     rate: u64,
     requests: usize,
     search_seconds: f64,
+    search_budget: Duration,
 }
 
 fn parse_args() -> Args {
     let usage = "usage: cargo bench --bench admission -- [--rate R] [--requests N] [--search-seconds S]";
-    let mut args = Args {
-        rate: DEFAULT_RATE,
-        requests: DEFAULT_REQUESTS,
-        search_seconds: DEFAULT_SEARCH_SECONDS,
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` passes --bench. Without it, `cargo test --all-targets` runs this binary as a
+    // test (with libtest flags such as --test-threads=4): a short smoke run of the same code.
+    let as_test = !all.iter().any(|a| a == "--bench");
+    let mut args = if as_test {
+        Args {
+            rate: 100,
+            requests: 200,
+            search_seconds: 0.5,
+            search_budget: Duration::from_secs(5),
+        }
+    } else {
+        Args {
+            rate: DEFAULT_RATE,
+            requests: DEFAULT_REQUESTS,
+            search_seconds: DEFAULT_SEARCH_SECONDS,
+            search_budget: SEARCH_BUDGET,
+        }
     };
-    let mut it = std::env::args().skip(1);
+    let mut it = all.into_iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{arg} needs a value; {usage}"));
         match arg.as_str() {
             "--rate" => args.rate = value().parse().expect("--rate: a whole number per second"),
             "--requests" => args.requests = value().parse().expect("--requests: a whole number"),
             "--search-seconds" => args.search_seconds = value().parse().expect("--search-seconds: seconds"),
-            "--bench" => {} // cargo bench passes it
+            "--bench" => {}                                  // cargo bench passes it
+            other if as_test && other.starts_with('-') => {} // libtest's flags
             other => panic!("unknown argument {other}; {usage}"),
         }
     }
@@ -290,7 +306,7 @@ async fn run(bench: &Bench, target: &Target, rate: u64, count: usize, first: u64
 }
 
 /// The highest offered rate `target` sustains with p99 under [`SEARCH_P99`].
-async fn search(bench: &Bench, target: &Target, seconds: f64, first: &mut u64) -> u64 {
+async fn search(bench: &Bench, target: &Target, seconds: f64, budget: Duration, first: &mut u64) -> u64 {
     let mut step = 0;
     // A rate passes when one of two tries does: another process on the CPUs can spoil one.
     let mut try_rate = async |rate: u64| {
@@ -319,7 +335,7 @@ async fn search(bench: &Bench, target: &Target, seconds: f64, first: &mut u64) -
         }
         false
     };
-    let deadline = Instant::now() + SEARCH_BUDGET;
+    let deadline = Instant::now() + budget;
     let spent = || {
         let spent = Instant::now() > deadline;
         if spent {
@@ -415,7 +431,7 @@ async fn bench(args: Args, ca_pem: String, servers: &Servers) {
     }
     let mut max = Vec::new();
     for target in &targets {
-        let best = search(&bench, target, args.search_seconds, &mut first).await;
+        let best = search(&bench, target, args.search_seconds, args.search_budget, &mut first).await;
         println!(
             "search {:<4}: max {best}/s with p99 < {} ms",
             target.name,
