@@ -471,7 +471,8 @@ async fn helm_install_runs_the_operator_with_only_the_chart_rbac() {
         .filter(|l| {
             let l = l.to_ascii_lowercase();
             // Other tests' namespaces being deleted refuse new objects: not an RBAC refusal.
-            (l.contains("forbidden") || l.contains("403")) && !l.contains("namespaceterminating")
+            // (" 403": a status code, not digits inside a uid.)
+            (l.contains("forbidden") || l.contains(" 403")) && !l.contains("namespaceterminating")
         })
         .collect();
     assert!(

@@ -96,9 +96,14 @@ async fn an_expired_unused_key_is_replaced_and_the_old_one_revoked() {
         Some(first.1.as_str()),
         "the same key was written again"
     );
-    let ledger = fake.ledger();
+    // The old key is revoked right after the new one is written.
+    let revoked = eventually(WAIT, || async {
+        let ledger = fake.ledger();
+        (ledger.revocations == vec![first.0.clone()]).then_some(ledger)
+    })
+    .await;
+    let ledger = revoked.unwrap_or_else(|| panic!("the old key was not revoked: {:?}", fake.ledger().revocations));
     assert_eq!(ledger.mints.len(), 2, "one mint per key lifetime");
-    assert_eq!(ledger.revocations, vec![first.0.clone()], "the old key was not revoked");
     let events = ns.api::<CoreEvent>().list(&ListParams::default()).await.unwrap().items;
     assert!(
         events.iter().any(|e| e.reason.as_deref() == Some("KeyReplaced")),
