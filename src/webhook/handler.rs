@@ -145,14 +145,17 @@ fn decide<T: Resource>(
     };
     // A pod opted in by its namespace is injected as if it carried the label, and gets it: the
     // controller finds its replicas by that label.
-    let mut pod_in = pod.clone();
-    if by_namespace {
-        pod_in
+    let pod_in = if by_namespace {
+        let mut labelled = pod.clone();
+        labelled
             .metadata
             .labels
             .get_or_insert_with(Default::default)
             .insert(NODE_LABEL.to_string(), node_name.clone());
-    }
+        std::borrow::Cow::Owned(labelled)
+    } else {
+        std::borrow::Cow::Borrowed(&pod)
+    };
     match inject_pod(&pod_in, &node, &facts) {
         Ok(Outcome::Skipped(_)) => (AdmissionResponse::from(req).into_review(), "skipped"),
         Ok(Outcome::Injected { object, mode }) => {

@@ -7,7 +7,7 @@
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::cluster::{Cluster, Ns, OPERATOR_NS, WAIT, is_ready};
 use crate::support;
@@ -134,21 +134,12 @@ pub async fn no_key_leaks(c: Cluster) {
 
     // Headscale lists every key it issued by its public prefix (`hskey-auth-<prefix>-***`); the
     // secret part follows the prefix, so a leak shows as the prefix followed by anything else.
-    let answer: Value = c
-        .headscale(reqwest::Method::GET, "/api/v1/preauthkey")
-        .send()
-        .await
-        .expect("headscale answers")
-        .json()
-        .await
-        .expect("headscale JSON");
-    let prefixes: Vec<String> = answer["preAuthKeys"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let keys = c.headscale_preauth_keys().await;
+    let prefixes: Vec<String> = keys
+        .iter()
         .filter_map(|k| k["key"].as_str()?.strip_suffix("***").map(str::to_string))
         .collect();
-    assert!(prefixes.len() >= 2, "Headscale lists no keys to look for: {answer}");
+    assert!(prefixes.len() >= 2, "Headscale lists no keys to look for: {keys:?}");
     let texts = exposed(&c);
     assert!(
         texts.iter().any(|(_, t)| t.contains("\"level\":\"DEBUG\"")),

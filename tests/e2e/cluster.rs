@@ -143,17 +143,27 @@ impl Cluster {
             .bearer_auth(&self.headscale_api_key)
     }
 
-    /// Headscale's nodes.
-    pub async fn headscale_nodes(&self) -> Vec<Value> {
+    /// The list `field` of a `GET` on Headscale's API.
+    async fn headscale_list(&self, path: &str, field: &str) -> Vec<Value> {
         let v: Value = self
-            .headscale(reqwest::Method::GET, "/api/v1/node")
+            .headscale(reqwest::Method::GET, path)
             .send()
             .await
             .expect("headscale answers")
             .json()
             .await
             .expect("headscale JSON");
-        v["nodes"].as_array().cloned().unwrap_or_default()
+        v[field].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Headscale's nodes.
+    pub async fn headscale_nodes(&self) -> Vec<Value> {
+        self.headscale_list("/api/v1/node", "nodes").await
+    }
+
+    /// Every pre-auth key Headscale issued (the key itself shown only by its public prefix).
+    pub async fn headscale_preauth_keys(&self) -> Vec<Value> {
+        self.headscale_list("/api/v1/preauthkey", "preAuthKeys").await
     }
 
     pub async fn headscale_node(&self, id: &str) -> Option<Value> {

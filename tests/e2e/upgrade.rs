@@ -54,18 +54,9 @@ async fn replicas_ready(ns: &Ns) -> Vec<Pod> {
 /// Keys Headscale has issued for `tag:k8s` (the replicas'; the probe pods' node uses
 /// `tag:test`). Nothing else mints while this scenario runs alone.
 async fn k8s_keys(c: &Cluster) -> usize {
-    let answer: serde_json::Value = c
-        .headscale(reqwest::Method::GET, "/api/v1/preauthkey")
-        .send()
+    c.headscale_preauth_keys()
         .await
-        .expect("headscale answers")
-        .json()
-        .await
-        .expect("headscale JSON");
-    answer["preAuthKeys"]
-        .as_array()
-        .into_iter()
-        .flatten()
+        .iter()
         .filter(|k| {
             k["aclTags"]
                 .as_array()
