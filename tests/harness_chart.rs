@@ -99,14 +99,6 @@ impl Drop for Leftovers {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn pem_to_der(pem: &[u8]) -> Vec<Vec<u8>> {
     let text = String::from_utf8_lossy(pem);
     let mut out = Vec::new();
@@ -311,15 +303,6 @@ async fn start_operator(
     // The apiserver picks up the caBundle change from its watch shortly after.
     tokio::time::sleep(Duration::from_secs(1)).await;
     (shutdown, operator)
-}
-
-fn has_sidecar(p: &Pod) -> bool {
-    let spec = p.spec.as_ref().unwrap();
-    spec.init_containers
-        .iter()
-        .flatten()
-        .chain(spec.containers.iter())
-        .any(|c| c.name == "tailscale")
 }
 
 /// A labelled Deployment gets the sidecar, a keyed Secret, the sidecar Role and a status, with

@@ -83,23 +83,6 @@ fn gated(p: &Pod) -> bool {
     tailnode::inject::is_gated(p.spec.as_ref())
 }
 
-fn data(s: &Secret, key: &str) -> Option<String> {
-    s.data
-        .as_ref()?
-        .get(key)
-        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-}
-
-async fn condition(ns: &TestNamespace, node: &str, type_: &str) -> Option<Value> {
-    let n = ns.api::<TailscaleNode>().get(node).await.ok()?;
-    let st = serde_json::to_value(n.status?).ok()?;
-    st["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .cloned()
-}
-
 async fn role_names(ns: &TestNamespace, node: &str) -> Vec<String> {
     let role = ns.api::<Role>().get_opt(&format!("tsn-{node}")).await.unwrap();
     role.and_then(|r| r.rules)
@@ -135,7 +118,7 @@ async fn the_gate_opens_once_the_key_and_the_grant_are_in_place() {
     node(&ns, "broken", "missing-secret", &fake).await;
     pod(&ns, "broken-1", "broken").await;
     let reported = eventually(WAIT, || async {
-        let c = condition(&ns, "broken", "CredentialsValid").await?;
+        let c = ns.node_condition("broken", "CredentialsValid").await?;
         (c["status"] == "False").then_some(c)
     })
     .await;
@@ -161,7 +144,7 @@ async fn a_foreign_secret_is_never_adopted() {
     node(&ns, "web", "oauth", &fake).await;
     pod(&ns, "victim", "web").await;
     let degraded = eventually(WAIT, || async {
-        let c = condition(&ns, "web", "Degraded").await?;
+        let c = ns.node_condition("web", "Degraded").await?;
         (c["reason"] == "SecretConflict").then_some(c)
     })
     .await
@@ -341,7 +324,7 @@ async fn pods_from_an_older_spec_are_named_in_restart_needed() {
         .and_then(|a| a.get("tailnode.dev/spec"));
     assert!(recorded.is_some(), "the webhook did not record the spec hash");
     let up_to_date = eventually(WAIT, || async {
-        let c = condition(&ns, "web", "RestartNeeded").await?;
+        let c = ns.node_condition("web", "RestartNeeded").await?;
         (c["status"] == "False").then_some(c)
     })
     .await;
@@ -357,7 +340,7 @@ async fn pods_from_an_older_spec_are_named_in_restart_needed() {
         .await
         .unwrap();
     let stale = eventually(WAIT, || async {
-        let c = condition(&ns, "web", "RestartNeeded").await?;
+        let c = ns.node_condition("web", "RestartNeeded").await?;
         (c["status"] == "True").then_some(c)
     })
     .await
@@ -384,7 +367,7 @@ async fn pods_from_an_older_spec_are_named_in_restart_needed() {
         .filter(|p| p.metadata.annotations.as_ref().and_then(|a| a.get("tailnode.dev/spec")) == recorded)
         .count();
     let named = eventually(WAIT, || async {
-        let c = condition(&ns, "web", "RestartNeeded").await?;
+        let c = ns.node_condition("web", "RestartNeeded").await?;
         let m = c["message"].as_str()?.to_string();
         m.starts_with(&format!("{stale} pod(s)")).then_some(m)
     })

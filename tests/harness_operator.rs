@@ -86,22 +86,6 @@ async fn pods_of(e: &Env, app: &str) -> Vec<Pod> {
     pods
 }
 
-fn has_sidecar(p: &Pod) -> bool {
-    let spec = p.spec.as_ref().unwrap();
-    spec.init_containers
-        .iter()
-        .flatten()
-        .chain(spec.containers.iter())
-        .any(|c| c.name == "tailscale")
-}
-
-fn data(s: &Secret, key: &str) -> Option<String> {
-    s.data
-        .as_ref()?
-        .get(key)
-        .map(|v| String::from_utf8(v.0.clone()).unwrap())
-}
-
 async fn secret_with_key(e: &Env, name: &str) -> Secret {
     let api = e.ns.api::<Secret>();
     eventually(WAIT, || async {

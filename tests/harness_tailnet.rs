@@ -23,12 +23,9 @@ async fn preauth_key(h: &Harness, tags: &[&str]) -> Value {
     let expiration = (chrono::Utc::now() + chrono::Duration::minutes(10)).to_rfc3339();
     let body = json!({"user": h.headscale_user_id, "reusable": false, "ephemeral": true,
         "expiration": expiration, "aclTags": tags});
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(format!("{}/api/v1/preauthkey", h.headscale_url))
-        .bearer_auth(&h.headscale_api_key)
+    let resp = h
+        .headscale()
+        .request(reqwest::Method::POST, "/api/v1/preauthkey")
         .json(&body)
         .send()
         .await

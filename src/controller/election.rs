@@ -185,6 +185,20 @@ impl Observer {
     }
 }
 
+/// The spec a leader writes to hand the Lease over when it stops on purpose (a rollout, a helm
+/// upgrade): no holder, so a waiting replica takes it at its next attempt instead of waiting a
+/// whole lease duration for a record that will never change again. Keeps the transitions count.
+pub fn released_spec(previous: &LeaseSpec, now: Timestamp) -> LeaseSpec {
+    LeaseSpec {
+        holder_identity: Some(String::new()),
+        lease_duration_seconds: Some(1),
+        acquire_time: Some(MicroTime(now)),
+        renew_time: Some(MicroTime(now)),
+        lease_transitions: previous.lease_transitions,
+        ..Default::default()
+    }
+}
+
 /// The spec `identity` writes to take or renew the Lease at wall time `now` (informational for
 /// readers; no replica compares it with its clock).
 pub fn desired_spec(identity: &str, timings: &Timings, previous: Option<&LeaseSpec>, now: Timestamp) -> LeaseSpec {

@@ -176,3 +176,20 @@ fn desired_spec_counts_transitions_and_keeps_the_acquire_time() {
     assert_ne!(Record::of(&taken), Record::of(&renewed), "a renewal changes the record");
     assert_eq!(desired_spec("a", &t, None, now).lease_transitions, Some(1));
 }
+
+/// A released Lease has no holder (so any replica may take it at once) and keeps its count of
+/// transitions; the next holder counts one more.
+#[test]
+fn a_released_lease_has_no_holder_and_keeps_its_transitions() {
+    let (t, now) = (timings(), Timestamp::now());
+    let released = released_spec(&spec("a", now, 3), now);
+    assert_eq!(released.holder_identity.as_deref(), Some(""));
+    assert_eq!(released.lease_transitions, Some(3));
+    let mut o = Observer::default();
+    o.observe(Some(&released), &t, tokio::time::Instant::now());
+    assert!(
+        o.may_acquire("b", tokio::time::Instant::now()),
+        "a follower takes a released lease at once"
+    );
+    assert_eq!(desired_spec("b", &t, Some(&released), now).lease_transitions, Some(4));
+}

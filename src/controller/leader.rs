@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::election::{Observer, Timings, desired_spec};
+use super::election::{Observer, Timings, desired_spec, released_spec};
 use super::fence::Fence;
 
 /// Lease settings.
@@ -75,6 +75,8 @@ pub async fn bounded<T>(
 pub trait Holder: Send {
     /// Reads the Lease and writes ourselves into it when the rules allow.
     fn try_hold(&mut self) -> impl Future<Output = Result<bool, LeaseError>> + Send;
+    /// Empties the Lease if this replica still holds it (a graceful stop hands it over at once).
+    fn release(&mut self) -> impl Future<Output = Result<(), LeaseError>> + Send;
 }
 
 /// The real holder: an `Api<Lease>` and what this replica has seen of the Lease.
@@ -125,6 +127,32 @@ impl Holder for LeaseHolder {
             }
             Err(e) if e.is_conflict() => Ok(false),
             Err(e) => Err(e),
+        }
+    }
+
+    async fn release(&mut self) -> Result<(), LeaseError> {
+        let (cfg, limit) = (&self.cfg, self.cfg.timings.retry_period());
+        let Some(mut lease) = bounded("get", limit, self.api.get_opt(&cfg.name)).await? else {
+            return Ok(());
+        };
+        let Some(spec) = lease
+            .spec
+            .as_ref()
+            .filter(|s| s.holder_identity.as_deref() == Some(&cfg.identity))
+        else {
+            return Ok(());
+        };
+        lease.spec = Some(released_spec(spec, Timestamp::now()));
+        // resourceVersion makes this a compare-and-swap: a replica that took over meanwhile wins.
+        match bounded(
+            "release",
+            limit,
+            self.api.replace(&cfg.name, &PostParams::default(), &lease),
+        )
+        .await
+        {
+            Err(e) if e.is_conflict() => Ok(()),
+            other => other.map(|_| ()),
         }
     }
 }
@@ -179,19 +207,33 @@ where
     work(lost.clone()).await;
     lost.cancel();
     fence.revoke();
-    renew.abort();
+    // keep_renewing returns its holder as soon as `lost` fires (an attempt in flight is dropped).
+    let Ok((mut holder, still_held)) = renew.await else {
+        return;
+    };
+    // Stopped on purpose while still the leader, with the controller stopped: hand the Lease over.
+    if shutdown.is_cancelled() && still_held {
+        match holder.release().await {
+            Ok(()) => info!("lease released"),
+            Err(e) => warn!(error = %e, "lease release failed; followers take it when it expires"),
+        }
+    }
 }
 
 /// Renews every retry period; steps down (revokes the fence, cancels `lost`) when the lease is
 /// taken, or on a timer when the last successful renewal is older than the renew deadline, even
 /// while a request hangs.
+///
+/// Returns the holder, and whether this replica still held the lease when it stopped (false after
+/// a step-down or a takeover).
 async fn keep_renewing<H: Holder>(
     mut holder: H,
     timings: Timings,
     fence: Fence,
     mut last_renewal: Instant,
     lost: CancellationToken,
-) {
+) -> (H, bool) {
+    let mut still_held = true;
     loop {
         let deadline = timings.step_down_at(last_renewal);
         let attempt = async {
@@ -205,6 +247,7 @@ async fn keep_renewing<H: Holder>(
             _ = lost.cancelled() => break,
             _ = tokio::time::sleep_until(deadline) => {
                 warn!(renew_deadline = ?timings.renew_deadline(), "lease not renewed in time; stepping down");
+                still_held = false;
                 break;
             }
             (started, result) = attempt => match result {
@@ -214,6 +257,7 @@ async fn keep_renewing<H: Holder>(
                 }
                 Ok(false) => {
                     warn!("lease taken by another replica");
+                    still_held = false;
                     break;
                 }
                 Err(e) => warn!(error = %e, "lease renewal failed"),
@@ -222,6 +266,7 @@ async fn keep_renewing<H: Holder>(
     }
     fence.revoke();
     lost.cancel();
+    (holder, still_held)
 }
 
 #[cfg(test)]

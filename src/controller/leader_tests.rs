@@ -25,6 +25,9 @@ enum Answer {
 struct Scripted {
     script: VecDeque<Answer>,
     rest: Answer,
+    /// Releases, each with whether the fence was still current at that moment.
+    releases: Arc<std::sync::Mutex<Vec<bool>>>,
+    fence: Option<Fence>,
 }
 
 impl Scripted {
@@ -32,7 +35,16 @@ impl Scripted {
         Self {
             script: script.iter().copied().collect(),
             rest,
+            releases: Arc::default(),
+            fence: None,
         }
+    }
+
+    /// Records releases (and the state of `fence` at each) into `releases`.
+    fn recording(mut self, fence: &Fence, releases: &Arc<std::sync::Mutex<Vec<bool>>>) -> Self {
+        self.fence = Some(fence.clone());
+        self.releases = releases.clone();
+        self
     }
 }
 
@@ -44,6 +56,12 @@ impl Holder for Scripted {
             Answer::TimesOut => bounded("get", timings().retry_period(), std::future::pending()).await,
             Answer::Hangs => std::future::pending().await,
         }
+    }
+
+    async fn release(&mut self) -> Result<(), LeaseError> {
+        let current = self.fence.as_ref().is_some_and(Fence::is_current);
+        self.releases.lock().unwrap().push(current);
+        Ok(())
     }
 }
 
@@ -137,8 +155,9 @@ async fn a_renewing_leader_leads_until_shutdown() {
     });
     let start = Instant::now();
     let watched = fence.clone();
+    let releases = Arc::default();
     lead(
-        Scripted::new(&[], Answer::Held),
+        Scripted::new(&[], Answer::Held).recording(&fence, &releases),
         timings(),
         fence.clone(),
         shutdown,
@@ -154,6 +173,29 @@ async fn a_renewing_leader_leads_until_shutdown() {
     .await;
     assert_eq!(Instant::now() - start, 120 * SEC);
     assert!(!fence.is_current(), "revoked once the work has stopped");
+    // A graceful stop hands the lease over, after the fence is revoked (no write can follow).
+    assert_eq!(
+        *releases.lock().unwrap(),
+        vec![false],
+        "released once, fence revoked first"
+    );
+}
+
+/// A leader that lost the lease (taken by another replica) does not release it on the way out,
+/// even when the shutdown comes right after: the Lease is not its own any more.
+#[tokio::test(start_paused = true)]
+async fn a_leader_that_lost_the_lease_does_not_release_it() {
+    let fence = Fence::lease(timings());
+    let releases = Arc::default();
+    let holder = Scripted::new(&[Answer::Held, Answer::Held], Answer::Taken).recording(&fence, &releases);
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    lead(holder, timings(), fence.clone(), shutdown, |lost| async move {
+        lost.cancelled().await;
+        stop.cancel();
+    })
+    .await;
+    assert!(releases.lock().unwrap().is_empty(), "no release after losing the lease");
 }
 
 /// Shutdown while waiting for the lease returns without running the work.

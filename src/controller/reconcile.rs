@@ -19,7 +19,7 @@ use tracing::warn;
 use super::applied;
 use super::desired::{self, NODE_FINALIZER, SecretAction};
 use super::gate;
-use super::secrets::{self, abandon_device, mint, retire, revoke};
+use super::secrets::{self, abandon_device, mint, mint_all, retire, revoke};
 use super::status::{self, Findings};
 use super::{Context, Error, Step};
 use crate::api::{NODE_LABEL, TailscaleNode, serve_config_map_name};
@@ -206,20 +206,25 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
             None
         }
     };
+    // First keys, a few at a time (each gate opens only once its key is in), then the rest in order.
+    let (mints, actions): (Vec<_>, Vec<_>) = actions
+        .into_iter()
+        .partition(|a| matches!(a, SecretAction::Mint { .. }));
+    if let Some(api) = &api {
+        let wanted = mints.into_iter().filter_map(|a| match a {
+            SecretAction::Mint { secret, pod } if !foreign.contains(&secret) => Some((secret, pod)),
+            _ => None,
+        });
+        for (secret, p) in mint_all(&ctx, &node, api.as_ref(), &secrets_api, wanted).await {
+            failed.insert(secret);
+            if findings.failures.iter().all(|f| f.message != p.message) {
+                findings.failures.push(p);
+            }
+        }
+    }
     for action in actions {
         match action {
-            SecretAction::Mint { secret, pod } => {
-                let Some(api) = &api else { continue };
-                if foreign.contains(&secret) {
-                    continue;
-                }
-                if let Err(p) = mint(&ctx, &node, api.as_ref(), &secrets_api, &secret, &pod).await {
-                    failed.insert(secret);
-                    if findings.failures.iter().all(|f| f.message != p.message) {
-                        findings.failures.push(p);
-                    }
-                }
-            }
+            SecretAction::Mint { .. } => {}
             SecretAction::Replace {
                 secret,
                 pod,

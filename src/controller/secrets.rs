@@ -3,6 +3,8 @@
 
 use std::collections::BTreeSet;
 
+use futures::StreamExt;
+
 use chrono::Utc;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -74,6 +76,29 @@ pub(super) async fn refuse_foreign(ctx: &Context, node: &TailscaleNode, secret: 
 
 fn describe(node: &TailscaleNode, pod: &str) -> String {
     format!("tailnode {} {}", node.name_any(), pod)
+}
+
+/// Keys minted at once by one reconcile: enough to overlap the API's latency when many pods wait
+/// behind their gates, few enough to stay far from an API's rate limit.
+const MINT_CONCURRENCY: usize = 4;
+
+/// Mints a key for each `(secret, pod)`, [`MINT_CONCURRENCY`] at a time; returns the failures.
+pub(super) async fn mint_all(
+    ctx: &Context,
+    node: &TailscaleNode,
+    api: &dyn KeyApi,
+    secrets: &Api<Secret>,
+    wanted: impl Iterator<Item = (String, String)>,
+) -> Vec<(String, Problem)> {
+    futures::stream::iter(wanted)
+        .map(|(secret, pod)| async move {
+            let result = mint(ctx, node, api, secrets, &secret, &pod).await;
+            result.err().map(|p| (secret, p))
+        })
+        .buffer_unordered(MINT_CONCURRENCY)
+        .filter_map(std::future::ready)
+        .collect()
+        .await
 }
 
 pub(super) async fn mint(

@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
-use kube::api::{DeleteParams, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config, ResourceExt};
+use kube::{Client, Config, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::support;
@@ -134,36 +134,23 @@ impl Cluster {
         }
     }
 
-    pub fn headscale(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("http client")
-            .request(method, format!("{}{path}", self.headscale_url))
-            .bearer_auth(&self.headscale_api_key)
-    }
-
-    /// The list `field` of a `GET` on Headscale's API.
-    async fn headscale_list(&self, path: &str, field: &str) -> Vec<Value> {
-        let v: Value = self
-            .headscale(reqwest::Method::GET, path)
-            .send()
-            .await
-            .expect("headscale answers")
-            .json()
-            .await
-            .expect("headscale JSON");
-        v[field].as_array().cloned().unwrap_or_default()
+    /// Headscale's API as this process reaches it.
+    pub fn headscale(&self) -> support::HeadscaleApi {
+        support::HeadscaleApi {
+            url: self.headscale_url.clone(),
+            api_key: self.headscale_api_key.clone(),
+            user_id: self.headscale_user_id.clone(),
+        }
     }
 
     /// Headscale's nodes.
     pub async fn headscale_nodes(&self) -> Vec<Value> {
-        self.headscale_list("/api/v1/node", "nodes").await
+        self.headscale().nodes().await
     }
 
     /// Every pre-auth key Headscale issued (the key itself shown only by its public prefix).
     pub async fn headscale_preauth_keys(&self) -> Vec<Value> {
-        self.headscale_list("/api/v1/preauthkey", "preAuthKeys").await
+        self.headscale().preauth_keys().await
     }
 
     pub async fn headscale_node(&self, id: &str) -> Option<Value> {
@@ -173,82 +160,34 @@ impl Cluster {
             .find(|n| n["id"].as_str() == Some(id))
     }
 
-    /// A single-use pre-auth key for a tailnet member, tagged `tag:test`.
+    /// A single-use, ephemeral pre-auth key for a tailnet member, tagged `tag:test`.
     pub async fn member_key(&self) -> String {
-        let expiration = (chrono::Utc::now() + chrono::Duration::minutes(30)).to_rfc3339();
-        let body = json!({"user": self.headscale_user_id, "reusable": false, "ephemeral": true,
-            "expiration": expiration, "aclTags": ["tag:test"]});
-        let v: Value = self
-            .headscale(reqwest::Method::POST, "/api/v1/preauthkey")
-            .json(&body)
-            .send()
-            .await
-            .expect("headscale answers")
-            .json()
-            .await
-            .expect("headscale JSON");
-        v["preAuthKey"]["key"].as_str().expect("a key").to_string()
+        self.headscale().preauth_key(&["tag:test"], true).await
     }
 }
 
-/// A namespace of a scenario's own.
+/// A scenario's own namespace, labelled so that the cleanup finds it; derefs to the shared
+/// [`support::TestNamespace`] (`api`, `create`, `node_condition`).
 pub struct Ns {
-    pub name: String,
-    pub client: Client,
+    inner: support::TestNamespace,
     cluster: Cluster,
+}
+
+impl std::ops::Deref for Ns {
+    type Target = support::TestNamespace;
+    fn deref(&self) -> &support::TestNamespace {
+        &self.inner
+    }
 }
 
 impl Ns {
     pub async fn new(c: &Cluster, prefix: &str, mut labels: Value) -> Ns {
-        let client = c.client().await;
-        let name = support::unique(prefix);
         labels[SCENARIO_LABEL] = json!("true");
-        let ns: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).expect("namespace");
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .expect("create namespace");
-        // Pods need the `default` ServiceAccount, which kube-controller-manager makes.
-        let ok = support::eventually(WAIT, || async {
-            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &name)
-                .get_opt("default")
-                .await
-                .ok()
-                .flatten()
-        })
-        .await;
-        assert!(ok.is_some(), "namespace {name} never got its default ServiceAccount");
+        let inner = support::TestNamespace::new(&c.client().await, prefix, labels).await;
         Ns {
-            name,
-            client,
+            inner,
             cluster: c.clone(),
         }
-    }
-
-    pub fn api<K>(&self) -> Api<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-        <K as kube::Resource>::DynamicType: Default,
-    {
-        Api::namespaced(self.client.clone(), &self.name)
-    }
-
-    /// Creates any namespaced object from JSON.
-    pub async fn create<K>(&self, value: Value) -> K
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + serde::Serialize
-            + std::fmt::Debug,
-        <K as kube::Resource>::DynamicType: Default,
-    {
-        let obj: K = serde_json::from_value(value).expect("object");
-        self.api::<K>()
-            .create(&PostParams::default(), &obj)
-            .await
-            .unwrap_or_else(|e| panic!("create in {}: {e}", self.name))
     }
 
     /// The one live pod labelled `app=APP`.
@@ -310,9 +249,7 @@ impl Ns {
         if keep() {
             return;
         }
-        let _ = Api::<Namespace>::all(self.client.clone())
-            .delete(&self.name, &DeleteParams::default())
-            .await;
+        self.inner.cleanup().await;
     }
 }
 
@@ -321,20 +258,7 @@ pub fn keep() -> bool {
     std::env::var("TAILNODE_E2E_KEEP").is_ok_and(|v| v == "1")
 }
 
-pub fn is_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-/// A value of a Secret's data.
-pub fn data(s: &Secret, key: &str) -> Option<String> {
-    s.data
-        .as_ref()?
-        .get(key)
-        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-}
+pub use support::{data, is_ready};
 
 /// The tailnet IPs containerboot wrote into a state Secret.
 pub fn ips(s: &Secret) -> Vec<String> {

@@ -27,16 +27,6 @@ fn prefs(c: &Cluster, ns: &Ns, pod: &str) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("prefs are not JSON ({e}): {out}"))
 }
 
-async fn condition(ns: &Ns, type_: &str) -> Option<Value> {
-    let n = ns.api::<TailscaleNode>().get("db").await.ok()?;
-    let st = serde_json::to_value(n.status?).ok()?;
-    st["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .cloned()
-}
-
 pub async fn spec_change_reaches_a_stateful_replica(c: Cluster) {
     let ns = Ns::new(&c, "prefs", json!({})).await;
     node(&ns, "db", json!({"tags": ["tag:k8s"], "hostname": "db"})).await;
@@ -62,7 +52,7 @@ pub async fn spec_change_reaches_a_stateful_replica(c: Cluster) {
         .await
         .unwrap();
     let named = support::eventually(WAIT, || async {
-        let c = condition(&ns, "RestartNeeded").await?;
+        let c = ns.node_condition("db", "RestartNeeded").await?;
         (c["status"] == "True").then_some(c)
     })
     .await
@@ -91,7 +81,7 @@ pub async fn spec_change_reaches_a_stateful_replica(c: Cluster) {
     assert_eq!(again, minted_at, "a key was minted for the restart");
     assert!(c.headscale_node(&device).await.is_some(), "Headscale still lists db-0");
     let cleared = support::eventually(WAIT, || async {
-        let c = condition(&ns, "RestartNeeded").await?;
+        let c = ns.node_condition("db", "RestartNeeded").await?;
         (c["status"] == "False").then_some(())
     })
     .await;

@@ -9,11 +9,12 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
 use kube::api::{DeleteParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
-use serde_json::json;
+use serde_json::{Value, json};
+use tailnode::api::TailscaleNode;
 
 /// What `e2e/local/up` exported.
 #[derive(Debug, Clone)]
@@ -149,48 +150,75 @@ impl Harness {
 }
 
 impl Harness {
-    fn headscale(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    /// Headscale's API as this process reaches it.
+    pub fn headscale(&self) -> HeadscaleApi {
+        HeadscaleApi {
+            url: self.headscale_url.clone(),
+            api_key: self.headscale_api_key.clone(),
+            user_id: self.headscale_user_id.clone(),
+        }
+    }
+
+    /// `GET` on Headscale's API (e.g. `/api/v1/node`), as JSON.
+    pub async fn headscale_get(&self, path: &str) -> Value {
+        self.headscale().get(path).await
+    }
+}
+
+/// Headscale's HTTP API (the harness's, or the one an e2e cluster names), for checks.
+#[derive(Debug, Clone)]
+pub struct HeadscaleApi {
+    pub url: String,
+    pub api_key: String,
+    pub user_id: String,
+}
+
+impl HeadscaleApi {
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         reqwest::Client::builder()
             .no_proxy()
             .build()
             .expect("http client")
-            .request(method, format!("{}{path}", self.headscale_url))
-            .bearer_auth(&self.headscale_api_key)
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.api_key)
     }
 
-    /// `GET` on Headscale's API (e.g. `/api/v1/node`), as JSON.
-    pub async fn headscale_get(&self, path: &str) -> serde_json::Value {
-        let resp = self
-            .headscale(reqwest::Method::GET, path)
-            .send()
-            .await
-            .expect("headscale answers");
-        resp.json().await.expect("headscale JSON")
-    }
-
-    /// A single-use Headscale pre-auth key for the harness user, tagged `tags`.
-    pub async fn preauth_key(&self, tags: &[&str]) -> String {
-        let expiration = (chrono::Utc::now() + chrono::Duration::minutes(30)).to_rfc3339();
-        let body = json!({"user": self.headscale_user_id, "reusable": false, "ephemeral": false,
-            "expiration": expiration, "aclTags": tags});
-        let resp: serde_json::Value = self
-            .headscale(reqwest::Method::POST, "/api/v1/preauthkey")
-            .json(&body)
-            .send()
+    async fn json(req: reqwest::RequestBuilder) -> Value {
+        req.send()
             .await
             .expect("headscale answers")
             .json()
             .await
-            .expect("headscale JSON");
-        resp["preAuthKey"]["key"].as_str().expect("a key").to_string()
+            .expect("headscale JSON")
     }
 
-    /// Headscale's nodes (`GET /api/v1/node`).
-    pub async fn headscale_nodes(&self) -> Vec<serde_json::Value> {
-        self.headscale_get("/api/v1/node").await["nodes"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+    /// `GET` on the API (e.g. `/api/v1/node`), as JSON.
+    pub async fn get(&self, path: &str) -> Value {
+        Self::json(self.request(reqwest::Method::GET, path)).await
+    }
+
+    /// The list `field` of a `GET` on the API.
+    pub async fn list(&self, path: &str, field: &str) -> Vec<Value> {
+        self.get(path).await[field].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Headscale's nodes.
+    pub async fn nodes(&self) -> Vec<Value> {
+        self.list("/api/v1/node", "nodes").await
+    }
+
+    /// Every pre-auth key Headscale issued (the key itself shown only by its public prefix).
+    pub async fn preauth_keys(&self) -> Vec<Value> {
+        self.list("/api/v1/preauthkey", "preAuthKeys").await
+    }
+
+    /// A single-use pre-auth key for the user, tagged `tags`, valid 30 minutes.
+    pub async fn preauth_key(&self, tags: &[&str], ephemeral: bool) -> String {
+        let expiration = (chrono::Utc::now() + chrono::Duration::minutes(30)).to_rfc3339();
+        let body = json!({"user": self.user_id, "reusable": false, "ephemeral": ephemeral,
+            "expiration": expiration, "aclTags": tags});
+        let v = Self::json(self.request(reqwest::Method::POST, "/api/v1/preauthkey").json(&body)).await;
+        v["preAuthKey"]["key"].as_str().expect("a key").to_string()
     }
 }
 
@@ -210,7 +238,7 @@ pub fn unique(prefix: &str) -> String {
 /// have made. Call [`TestNamespace::cleanup`] at the end of the test.
 pub struct TestNamespace {
     pub name: String,
-    client: Client,
+    pub client: Client,
 }
 
 impl TestNamespace {
@@ -246,6 +274,34 @@ impl TestNamespace {
         <K as kube::Resource>::DynamicType: Default,
     {
         Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// Creates any namespaced object from JSON.
+    pub async fn create<K>(&self, value: Value) -> K
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        let obj: K = serde_json::from_value(value).expect("object");
+        self.api::<K>()
+            .create(&PostParams::default(), &obj)
+            .await
+            .unwrap_or_else(|e| panic!("create in {}: {e}", self.name))
+    }
+
+    /// The condition `type_` of TailscaleNode `node`, as JSON.
+    pub async fn node_condition(&self, node: &str, type_: &str) -> Option<Value> {
+        let n = self.api::<TailscaleNode>().get(node).await.ok()?;
+        let st = serde_json::to_value(n.status?).ok()?;
+        st["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == type_)
+            .cloned()
     }
 
     /// Deletes the namespace (without a controller-manager it stays Terminating; `down` wipes it).
@@ -302,6 +358,42 @@ pub async fn install_crd(client: &Client) {
     assert!(established.is_some(), "CRD {name} never became Established");
     // Discovery catches up shortly after Established.
     tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// A value of a Secret's data, as text.
+pub fn data(s: &Secret, key: &str) -> Option<String> {
+    s.data
+        .as_ref()?
+        .get(key)
+        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+}
+
+/// The pod carries the `tailscale` sidecar (native or not).
+pub fn has_sidecar(p: &Pod) -> bool {
+    p.spec.as_ref().is_some_and(|spec| {
+        spec.init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .any(|c| c.name == "tailscale")
+    })
+}
+
+/// The pod's Ready condition is True.
+pub fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn path_str(p: &Path) -> &str {

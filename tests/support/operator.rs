@@ -31,14 +31,6 @@ pub struct Operator {
 
 static OPERATOR: OnceLock<Operator> = OnceLock::new();
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts the operator once per test binary (on a runtime of its own that lives as long as the
 /// process) and waits until its webhook answers.
 pub fn operator() -> &'static Operator {
@@ -111,8 +103,8 @@ async fn prepare(h: &Harness) -> Operator {
         .await
         .unwrap();
     let selector = ("tailnode-test/operator".to_string(), id.clone());
-    let webhook_port = free_port();
-    let admin_port = free_port();
+    let webhook_port = super::free_port();
+    let admin_port = super::free_port();
     let webhook_url = format!("https://127.0.0.1:{webhook_port}/mutate");
     let webhook_config = format!("tailnode-{id}");
     let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
