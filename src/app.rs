@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::api::{Credentials, HeadscaleCredentials, OAuthCredentials, TailscaleNode};
 use crate::args::{Args, Command, CredentialKind, InjectArgs, RunArgs};
+use crate::controller::WatchBackoff;
 use crate::controller::credentials::{CredentialCache, DefaultCredentials};
 use crate::controller::election::Timings;
 use crate::controller::fence::Fence;
@@ -190,8 +191,8 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
             watcher(Api::<Namespace>::all(client.clone()), Default::default()),
         );
         for stream in [
-            node_stream.default_backoff().boxed().map(|_| ()).boxed(),
-            ns_stream.default_backoff().map(|_| ()).boxed(),
+            node_stream.backoff(WatchBackoff::default()).boxed().map(|_| ()).boxed(),
+            ns_stream.backoff(WatchBackoff::default()).map(|_| ()).boxed(),
         ] {
             let stop = shutdown.clone();
             tasks.spawn(async move {

@@ -215,11 +215,9 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
             SecretAction::Mint { secret, pod } if !foreign.contains(&secret) => Some((secret, pod)),
             _ => None,
         });
-        for (secret, p) in mint_all(&ctx, &node, api.as_ref(), &secrets_api, wanted).await {
+        for (secret, f) in mint_all(&ctx, &node, api.as_ref(), &secrets_api, wanted).await {
             failed.insert(secret);
-            if findings.failures.iter().all(|f| f.message != p.message) {
-                findings.failures.push(p);
-            }
+            findings.mint_failed(f.problem, f.retry_after);
         }
     }
     for action in actions {
@@ -245,11 +243,9 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
                         let note = format!("the key of pod {pod} expired unused; replaced it in Secret {secret}");
                         publish(&ctx, &node, EventType::Normal, "KeyReplaced", "Mint", &note).await;
                     }
-                    Err(p) => {
+                    Err(f) => {
                         failed.insert(secret);
-                        if findings.failures.iter().all(|f| f.message != p.message) {
-                            findings.failures.push(p);
-                        }
+                        findings.mint_failed(f.problem, f.retry_after);
                     }
                 }
             }
@@ -323,7 +319,7 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
             .map_err(Error::at(Step::Status))?;
     }
     if findings.credentials.is_some() || !findings.failures.is_empty() {
-        return Ok(Action::requeue(ctx.backoff.next(&node)));
+        return Ok(Action::requeue(status::retry_delay(ctx.backoff.next(&node), &findings)));
     }
     ctx.backoff.reset(&node);
     if still_gated > 0 {

@@ -82,6 +82,21 @@ fn describe(node: &TailscaleNode, pod: &str) -> String {
 /// behind their gates, few enough to stay far from an API's rate limit.
 const MINT_CONCURRENCY: usize = 4;
 
+/// A failed mint: the problem to report, and how long the API asked us to wait, if it did.
+pub(super) struct MintFailed {
+    pub problem: Problem,
+    pub retry_after: Option<std::time::Duration>,
+}
+
+impl From<Problem> for MintFailed {
+    fn from(problem: Problem) -> Self {
+        MintFailed {
+            problem,
+            retry_after: None,
+        }
+    }
+}
+
 /// Mints a key for each `(secret, pod)`, [`MINT_CONCURRENCY`] at a time; returns the failures.
 pub(super) async fn mint_all(
     ctx: &Context,
@@ -89,7 +104,7 @@ pub(super) async fn mint_all(
     api: &dyn KeyApi,
     secrets: &Api<Secret>,
     wanted: impl Iterator<Item = (String, String)>,
-) -> Vec<(String, Problem)> {
+) -> Vec<(String, MintFailed)> {
     futures::stream::iter(wanted)
         .map(|(secret, pod)| async move {
             let result = mint(ctx, node, api, secrets, &secret, &pod).await;
@@ -108,7 +123,7 @@ pub(super) async fn mint(
     secrets: &Api<Secret>,
     secret: &str,
     pod: &str,
-) -> Result<(), Problem> {
+) -> Result<(), MintFailed> {
     let req = MintRequest {
         description: describe(node, pod),
         tags: node.spec.tags.clone(),
@@ -154,7 +169,14 @@ pub(super) async fn mint(
             };
             let message = format!("minting a key for pod {pod}: {e}");
             publish(ctx, node, EventType::Warning, "MintFailed", "Mint", &message).await;
-            Err(Problem { reason, message })
+            let retry_after = match e {
+                crate::tsapi::ApiError::RateLimited { retry_after } => retry_after,
+                _ => None,
+            };
+            Err(MintFailed {
+                problem: Problem { reason, message },
+                retry_after,
+            })
         }
     }
 }

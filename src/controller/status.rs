@@ -1,5 +1,7 @@
 //! PURE: the TailscaleNode status and its conditions.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -23,6 +25,36 @@ pub struct Findings {
     pub failures: Vec<Problem>,
     /// Pods injected from an older spec (they need a new pod to pick the change up).
     pub restart_needed: Vec<String>,
+    /// The longest `Retry-After` an API asked for in this reconcile.
+    pub hold_off: Option<Duration>,
+}
+
+impl Findings {
+    /// Records a failed mint (once per distinct message) and the API's `Retry-After`.
+    pub fn mint_failed(&mut self, problem: Problem, retry_after: Option<Duration>) {
+        if self.failures.iter().all(|f| f.message != problem.message) {
+            self.failures.push(problem);
+        }
+        self.hold_off = self.hold_off.max(retry_after);
+    }
+}
+
+/// Reasons of failures that pass by themselves (an API rate limit, a 5xx, a timeout).
+const TRANSIENT: [&str; 2] = ["ApiRateLimited", "ApiUnavailable"];
+
+/// Longest wait before looking again after only transient failures.
+pub const TRANSIENT_CAP: Duration = Duration::from_secs(5);
+
+/// PURE: when to look again after a reconcile that found problems, given the node's exponential
+/// `backoff`. Never sooner than an API asked (`Retry-After`); after only transient failures
+/// never later than [`TRANSIENT_CAP`], so a node converges within seconds of an API outage's end
+/// (the key API's client already backs off within each attempt); otherwise (bad credentials, a
+/// rejected request) the full backoff, which spares the API calls that cannot succeed.
+pub fn retry_delay(backoff: Duration, findings: &Findings) -> Duration {
+    let mut problems = findings.credentials.iter().chain(&findings.failures);
+    let transient = problems.all(|p| TRANSIENT.contains(&p.reason));
+    let delay = if transient { backoff.min(TRANSIENT_CAP) } else { backoff };
+    delay.max(findings.hold_off.unwrap_or_default())
 }
 
 /// Names at most this many pods in a message, then a count.
@@ -212,6 +244,44 @@ mod tests {
 
     fn get<'a>(s: &'a TailscaleNodeStatus, t: &str) -> &'a Condition {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    fn problem(reason: &'static str) -> Problem {
+        Problem {
+            reason,
+            message: format!("{reason} happened"),
+        }
+    }
+
+    /// After a transient API failure the node is looked at again within seconds whatever its
+    /// backoff grew to, but never sooner than the API's Retry-After; other failures keep the
+    /// full backoff.
+    #[test]
+    fn retry_delay_caps_transient_failures_and_honours_retry_after() {
+        let long = Duration::from_secs(60);
+        let mut f = Findings::default();
+        f.mint_failed(problem("ApiUnavailable"), None);
+        f.mint_failed(problem("ApiUnavailable"), None);
+        assert_eq!(f.failures.len(), 1, "one entry per distinct message");
+        assert_eq!(retry_delay(long, &f), TRANSIENT_CAP);
+        assert_eq!(retry_delay(Duration::from_secs(1), &f), Duration::from_secs(1));
+        f.mint_failed(problem("ApiRateLimited"), Some(Duration::from_secs(20)));
+        f.mint_failed(problem("ApiRateLimited"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            f.hold_off,
+            Some(Duration::from_secs(20)),
+            "the longest Retry-After wins"
+        );
+        assert_eq!(retry_delay(Duration::from_secs(1), &f), Duration::from_secs(20));
+        let mut bad = Findings {
+            credentials: Some(problem("ApiUnauthorized")),
+            ..Default::default()
+        };
+        assert_eq!(retry_delay(long, &bad), long);
+        bad.credentials = None;
+        bad.mint_failed(problem("ApiRejected"), None);
+        bad.mint_failed(problem("ApiUnavailable"), None);
+        assert_eq!(retry_delay(long, &bad), long, "one lasting failure keeps the backoff");
     }
 
     #[test]

@@ -94,8 +94,23 @@ struct Inner {
     tokens: HashMap<String, Instant>,
     devices: BTreeSet<String>,
     script: VecDeque<Scripted>,
+    /// Timed faults: each answers every keys/device request until its deadline.
+    outage: VecDeque<(Instant, Scripted)>,
     ledger: Ledger,
     seq: u64,
+}
+
+impl Inner {
+    /// The next scripted answer, else the fault of the outage phase running now.
+    fn fault(&mut self, now: Instant) -> Option<Scripted> {
+        if let Some(s) = self.script.pop_front() {
+            return Some(s);
+        }
+        while self.outage.front().is_some_and(|(until, _)| *until <= now) {
+            self.outage.pop_front();
+        }
+        self.outage.front().map(|(_, s)| s.clone())
+    }
 }
 
 #[derive(Clone)]
@@ -128,12 +143,18 @@ impl FakeTailscale {
 
     /// Starts the fake on `127.0.0.1:0`.
     pub async fn try_start(config: FakeConfig) -> std::io::Result<FakeTailscale> {
+        Self::try_start_on(config, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts the fake on `addr` (e.g. a harness bridge address that pods reach).
+    pub async fn try_start_on(config: FakeConfig, addr: SocketAddr) -> std::io::Result<FakeTailscale> {
         let shared = Shared(Arc::new(Mutex::new(Inner {
             config,
             token_ttl: Duration::from_secs(3600),
             tokens: HashMap::new(),
             devices: BTreeSet::new(),
             script: VecDeque::new(),
+            outage: VecDeque::new(),
             ledger: Ledger::default(),
             seq: 0,
         })));
@@ -144,7 +165,7 @@ impl FakeTailscale {
             .route("/api/v2/device/{id}", delete(delete_device))
             .layer(middleware::from_fn_with_state(shared.clone(), record_and_script))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         // No Nagle: a response written in pieces would otherwise wait for the client's delayed
         // ACK (tens of milliseconds), which no real API adds.
@@ -182,6 +203,19 @@ impl FakeTailscale {
         self.shared.lock().script.extend(steps);
     }
 
+    /// Starts an outage of the keys/device endpoints: each `(length, answer)` phase answers every
+    /// request that way for its length, one after the other, starting now. Returns when it ends.
+    pub fn outage(&self, phases: Vec<(Duration, Scripted)>) -> Instant {
+        let mut inner = self.shared.lock();
+        let mut at = Instant::now();
+        inner.outage.clear();
+        for (length, answer) in phases {
+            at += length;
+            inner.outage.push_back((at, answer));
+        }
+        at
+    }
+
     /// Replaces the client's tags (empty: every mint fails with 400).
     pub fn set_client_tags(&self, tags: Vec<String>) {
         self.shared.lock().config.client_tags = tags;
@@ -213,7 +247,7 @@ async fn record_and_script(State(shared): State<Shared>, req: Request, next: Nex
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     let scripted = if path.starts_with("/api/v2/tailnet/") || path.starts_with("/api/v2/device/") {
-        shared.lock().script.pop_front()
+        shared.lock().fault(Instant::now())
     } else {
         None
     };

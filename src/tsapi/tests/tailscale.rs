@@ -373,3 +373,27 @@ fn parses_token_and_key_answers() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The fake's timed outage answers every keys request with its phase's fault until the phase
+/// ends, then the next phase's, then serves normally again.
+#[tokio::test]
+async fn the_fakes_outage_runs_its_phases_in_order_then_ends() {
+    let fake = fake().await;
+    let c = client_with(&fake.url(), SECRET, |cfg| cfg.retry.max_retries = 0);
+    let ends = fake.outage(vec![
+        (Duration::from_millis(300), Scripted::Status(429, Some(1))),
+        (Duration::from_millis(300), Scripted::Status(500, None)),
+    ]);
+    let first = c.api.mint(&request("tailnode", &["tag:k8s"])).await.unwrap_err();
+    assert_eq!(first.reason(), "rate_limited");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let second = c.api.mint(&request("tailnode", &["tag:k8s"])).await.unwrap_err();
+    assert_eq!(second.reason(), "server");
+    tokio::time::sleep(ends.saturating_duration_since(std::time::Instant::now())).await;
+    c.api.mint(&request("tailnode", &["tag:k8s"])).await.unwrap();
+    assert_eq!(
+        fake.ledger().mints.len(),
+        1,
+        "only the mint after the outage got through"
+    );
+}
