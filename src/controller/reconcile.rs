@@ -206,7 +206,7 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
             None
         }
     };
-    // First keys, a few at a time (each gate opens only once its key is in), then the rest in order.
+    // First keys (see `secrets::MINT_CONCURRENCY`), then the rest in order.
     let (mints, actions): (Vec<_>, Vec<_>) = actions
         .into_iter()
         .partition(|a| matches!(a, SecretAction::Mint { .. }));

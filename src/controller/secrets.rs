@@ -78,9 +78,12 @@ fn describe(node: &TailscaleNode, pod: &str) -> String {
     format!("tailnode {} {}", node.name_any(), pod)
 }
 
-/// Keys minted at once by one reconcile: enough to overlap the API's latency when many pods wait
-/// behind their gates, few enough to stay far from an API's rate limit.
-const MINT_CONCURRENCY: usize = 4;
+/// Keys minted at once by one reconcile. One: a crash (SIGKILL, OOM, node loss) between the API's
+/// answer and the Secret write loses the keys in flight, and the API completes a request whose
+/// client died; with one in flight a crash costs at most one unused key (the crash-chaos test
+/// holds extra mints to at most the number of crashes). The Secret write follows each mint at
+/// once, so the window is one API round trip.
+const MINT_CONCURRENCY: usize = 1;
 
 /// A failed mint: the problem to report, and how long the API asked us to wait, if it did.
 pub(super) struct MintFailed {

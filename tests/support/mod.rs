@@ -268,6 +268,14 @@ impl TestNamespace {
         }
     }
 
+    /// A handle on a namespace that exists already (another task's).
+    pub fn existing(client: &Client, name: &str) -> Self {
+        TestNamespace {
+            name: name.to_string(),
+            client: client.clone(),
+        }
+    }
+
     pub fn api<K>(&self) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,

@@ -48,28 +48,7 @@ pub fn operator_with(flags: &[&str]) -> &'static Operator {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
                 let op = prepare(&h).await;
-                let mut argv = vec![
-                    "tailnode".to_string(),
-                    "run".into(),
-                    format!("--namespace={}", op.namespace),
-                    "--identity=test-operator".into(),
-                    format!(
-                        "--webhook-addr={}",
-                        op.webhook_url
-                            .trim_start_matches("https://")
-                            .trim_end_matches("/mutate")
-                    ),
-                    format!("--admin-addr={}", op.admin_url.trim_start_matches("http://")),
-                    "--webhook-extra-names=127.0.0.1".into(),
-                    format!("--webhook-config={}", op.webhook_config),
-                    "--key-ttl-seconds=600".into(),
-                    format!("--control-url={}", h.headscale_url),
-                ];
-                for flag in &flags {
-                    let name = flag.split('=').next().unwrap_or_default();
-                    argv.retain(|a| a.split('=').next() != Some(name));
-                    argv.push(flag.clone());
-                }
+                let argv = argv(&h, &op, &flags);
                 let args = tailnode::args::Args::parse_from(argv);
                 let tailnode::args::Command::Run(run) = args.command else {
                     unreachable!()
@@ -92,7 +71,37 @@ pub fn operator_with(flags: &[&str]) -> &'static Operator {
     })
 }
 
-async fn prepare(h: &Harness) -> Operator {
+/// `tailnode run`'s argv for `op` on the harness; `flags` (`--name=value`) replace the defaults of
+/// the same name.
+pub fn argv(h: &Harness, op: &Operator, flags: &[String]) -> Vec<String> {
+    let mut argv = vec![
+        "tailnode".to_string(),
+        "run".into(),
+        format!("--namespace={}", op.namespace),
+        "--identity=test-operator".into(),
+        format!(
+            "--webhook-addr={}",
+            op.webhook_url
+                .trim_start_matches("https://")
+                .trim_end_matches("/mutate")
+        ),
+        format!("--admin-addr={}", op.admin_url.trim_start_matches("http://")),
+        "--webhook-extra-names=127.0.0.1".into(),
+        format!("--webhook-config={}", op.webhook_config),
+        "--key-ttl-seconds=600".into(),
+        format!("--control-url={}", h.headscale_url),
+    ];
+    for flag in flags {
+        let name = flag.split('=').next().unwrap_or_default();
+        argv.retain(|a| a.split('=').next() != Some(name));
+        argv.push(flag.clone());
+    }
+    argv
+}
+
+/// A namespace for an operator and a MutatingWebhookConfiguration that sends it the pods of
+/// namespaces labelled with its selector.
+pub async fn prepare(h: &Harness) -> Operator {
     let client = h.client().await;
     super::install_crd(&client).await;
     let id = super::unique("op");
@@ -143,7 +152,8 @@ async fn prepare(h: &Harness) -> Operator {
     }
 }
 
-async fn wait_ready(h: &Harness, op: &Operator) {
+/// Waits until the webhook configuration carries the operator's CA and `/readyz` answers.
+pub async fn wait_ready(h: &Harness, op: &Operator) {
     {
         let client = h.client().await;
         let hooks = Api::<MutatingWebhookConfiguration>::all(client);
