@@ -84,11 +84,11 @@ pub struct RunArgs {
     pub lease_name: String,
     /// How long followers wait, on their own clock, after the Lease last changed before they take
     /// it over (`15s`, `1500ms`, `1m`).
-    #[arg(long, env = "TAILNODE_LEADER_ELECT_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "TAILNODE_LEADER_ELECT_LEASE_DURATION", default_value = "10s", value_parser = parse_duration)]
     pub leader_elect_lease_duration: Duration,
     /// The leader stops its controller when it has not renewed the Lease for this long; shorter
     /// than --leader-elect-lease-duration.
-    #[arg(long, env = "TAILNODE_LEADER_ELECT_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "TAILNODE_LEADER_ELECT_RENEW_DEADLINE", default_value = "7s", value_parser = parse_duration)]
     pub leader_elect_renew_deadline: Duration,
     /// Time between attempts to take or renew the Lease, and the timeout of each Lease request;
     /// shorter than --leader-elect-renew-deadline.
@@ -368,8 +368,8 @@ mod tests {
     #[test]
     fn leader_election_timings() {
         let a = run_args(&[]);
-        assert_eq!(a.leader_elect_lease_duration, Duration::from_secs(15));
-        assert_eq!(a.leader_elect_renew_deadline, Duration::from_secs(10));
+        assert_eq!(a.leader_elect_lease_duration, Duration::from_secs(10));
+        assert_eq!(a.leader_elect_renew_deadline, Duration::from_secs(7));
         assert_eq!(a.leader_elect_retry_period, Duration::from_secs(2));
         let a = run_args(&[
             "--leader-elect-lease-duration=1m",

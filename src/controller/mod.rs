@@ -6,6 +6,7 @@ pub mod credentials;
 pub mod desired;
 pub mod election;
 pub mod fence;
+pub mod fenced;
 pub mod gate;
 pub mod leader;
 pub mod reconcile;
@@ -222,6 +223,8 @@ pub async fn run(
     fence: fence::Fence,
     shutdown: CancellationToken,
 ) {
+    // Every apiserver write of the controller passes only while this replica leads.
+    let client = fenced::fenced(client, fence.clone());
     let nodes: Api<TailscaleNode> = Api::all(client.clone());
     let pods_api: Api<Pod> = Api::all(client.clone());
     let secrets: Api<Secret> = Api::all(client.clone());

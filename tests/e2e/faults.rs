@@ -221,7 +221,7 @@ pub async fn control_plane_faults(c: Cluster) {
         api_recovered.as_secs_f64()
     );
 
-    // The apiserver goes away for longer than the renew deadline (10 s): the leader steps down.
+    // The apiserver goes away for longer than the renew deadline (7 s): the leader steps down.
     restart("kube-apiserver", 20);
     let back = support::eventually(Duration::from_secs(120), || async {
         let client = c.client().await;
