@@ -6,7 +6,9 @@
 # crashing input is kept in fuzz/artifacts/<target>/.
 #
 # Usage: fuzz/run.sh [SECONDS_PER_TARGET] [MAX_RUNS_PER_TARGET]   (defaults: 20, unbounded)
-# FUZZ_TARGETS="a b" limits the run to those targets.
+# FUZZ_TARGETS="a b" limits the run to those targets. FUZZ_SANITIZER (default address) picks
+# cargo-fuzz's sanitizer: the long runs for the execution counts use `none` (several times faster;
+# the code under test is safe Rust, and what is checked is panics and hangs).
 #
 # cargo-fuzz is installed once (pinned, --locked) into the user's cache. The stable toolchain
 # runs with RUSTC_BOOTSTRAP=1 because cargo-fuzz passes -Z flags (the sanitizer) to rustc.
@@ -33,10 +35,14 @@ cd "$repo"
 # differ from the main crate's, so sharing one would only rebuild both. It lives in the machine's
 # cache (like the Go build cache), so a fresh clone rebuilds only tailnode itself, not every
 # sanitizer-instrumented dependency; TAILNODE_FUZZ_TARGET_DIR overrides it.
-target_dir=${TAILNODE_FUZZ_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tailnode/fuzz-target}
+# Each sanitizer has its own (its flags rebuild every dependency).
+sanitizer=${FUZZ_SANITIZER:-address}
+suffix=""
+[ "$sanitizer" = address ] || suffix="-$sanitizer"
+target_dir=${TAILNODE_FUZZ_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tailnode/fuzz-target$suffix}
 mkdir -p "$target_dir"
 echo "fuzz: building the targets" >&2
-cargo fuzz build --fuzz-dir "$here" --target-dir "$target_dir" >&2
+cargo fuzz build --sanitizer "$sanitizer" --fuzz-dir "$here" --target-dir "$target_dir" >&2
 
 mapfile -t targets < <(if [ -n "${FUZZ_TARGETS:-}" ]; then tr ' ' '\n' <<<"$FUZZ_TARGETS"; else cargo fuzz list --fuzz-dir "$here"; fi)
 failed=0
@@ -53,7 +59,7 @@ for t in "${targets[@]}"; do
   started=$SECONDS
   rc=0
   # From the log dir: with -jobs, libFuzzer also writes fuzz-<job>.log into the working dir.
-  (cd "$logs" && cargo fuzz run --fuzz-dir "$here" --target-dir "$target_dir" "$t" "$work" "$seeds" -- "${args[@]}") \
+  (cd "$logs" && cargo fuzz run --sanitizer "$sanitizer" --fuzz-dir "$here" --target-dir "$target_dir" "$t" "$work" "$seeds" -- "${args[@]}") \
     >"$log" 2>&1 || rc=$?
   # Executions: libFuzzer's final stats, else the last `#N DONE`/status line.
   execs=$(sed -n 's/^stat::number_of_executed_units: *\([0-9]*\).*/\1/p' "$log" | tail -n 1)
