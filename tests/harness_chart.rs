@@ -383,6 +383,7 @@ fn assert_least_privilege(h: &Harness, inst: &Installed, apps: &str) {
         (true, vec!["update", lease.as_str(), "-n", rns]),
         (true, vec!["create", "roles", "-n", apps]),
         (true, vec!["patch", "pods", "-n", apps]),
+        (true, vec!["create", "pods/eviction", "-n", apps]),
         (true, vec!["create", "subjectaccessreviews"]),
         (false, vec!["delete", "deployments", "-A"]),
         (false, vec!["create", "pods", "-n", apps]),

@@ -52,6 +52,10 @@ pub struct ReplicaStatus {
     pub fqdn: Option<String>,
     /// Lifecycle state of the replica.
     pub state: ReplicaState,
+    /// The last reset tailnode carried out for this replica: the value of the pod's
+    /// `tailnode.dev/reset` annotation, or `node/<value>` for the TailscaleNode's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reset: Option<String>,
 }
 
 /// Lifecycle state of a replica.

@@ -52,6 +52,12 @@ pub struct Replica {
     pub spec_hash: Option<String>,
     /// The pod's `tailnode.dev/tailnet-*` annotations as they are.
     pub tailnet: BTreeMap<String, String>,
+    /// The pod's `tailnode.dev/reset` (see `reset`).
+    pub reset: Option<String>,
+    /// A controller (ReplicaSet, StatefulSet, Job...) owns the pod and would recreate it.
+    pub owned: bool,
+    /// The pod is being deleted.
+    pub terminating: bool,
 }
 
 /// True when a pod has finished for good (`Succeeded` or `Failed`: a Job's pod, an evicted pod).
@@ -123,6 +129,19 @@ pub fn replicas(node: &TailscaleNode, pods: &[Pod]) -> Vec<Replica> {
                     .filter(|(k, _)| *k == TAILNET_NAME_ANNOTATION || *k == TAILNET_IPS_ANNOTATION)
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
+                reset: p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(super::reset::RESET_ANNOTATION))
+                    .cloned(),
+                owned: p
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.controller == Some(true)),
+                terminating: p.metadata.deletion_timestamp.is_some(),
                 pod,
             })
         })
@@ -157,6 +176,15 @@ fn base_labels(node: &TailscaleNode) -> BTreeMap<String, String> {
 /// Secrets by the TailscaleNode (they survive pod restarts and rescheduling).
 pub fn state_secret(node: &TailscaleNode, r: &Replica) -> Secret {
     let mut annotations = BTreeMap::from([(POD_ANNOTATION.to_string(), r.pod.clone())]);
+    // Born after the node's last reset request: nothing to reset.
+    if let Some(v) = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(super::reset::RESET_ANNOTATION))
+    {
+        annotations.insert(super::reset::NODE_RESET_DONE_ANNOTATION.to_string(), v.clone());
+    }
     let owner = match &r.statefulset {
         Some((sts, ord)) => {
             annotations.insert(STATEFULSET_ANNOTATION.to_string(), sts.clone());
@@ -493,6 +521,7 @@ pub fn replica_statuses(replicas: &[Replica], secrets: &[Secret], failed: &BTree
                 device_id,
                 fqdn,
                 state,
+                last_reset: s.and_then(|s| super::reset::last_reset(s)),
             }
         })
         .collect()

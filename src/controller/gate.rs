@@ -32,7 +32,14 @@ pub fn credentials_ready(secret: &Secret, key_ttl: chrono::Duration, now: DateTi
             .and_then(|d| d.get(k))
             .is_some_and(|v| !v.0.is_empty())
     };
+    // A reset under way keeps the new pod waiting until the old state is wiped.
+    let resetting = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(super::reset::RESET_PENDING_ANNOTATION));
     secret.metadata.deletion_timestamp.is_none()
+        && !resetting
         && (has("device_id") || (has("authkey") && !key_expired(secret, key_ttl, now)))
 }
 
@@ -174,6 +181,9 @@ mod tests {
             gate,
             spec_hash: None,
             tailnet: Default::default(),
+            reset: None,
+            owned: true,
+            terminating: false,
         }
     }
 

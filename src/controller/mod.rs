@@ -10,6 +10,8 @@ pub mod fenced;
 pub mod gate;
 pub mod leader;
 pub mod reconcile;
+pub mod reset;
+mod reset_io;
 mod secrets;
 pub mod status;
 

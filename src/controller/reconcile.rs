@@ -206,6 +206,19 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
             None
         }
     };
+    // Resets on demand: evict; once the old pod is gone, wipe its state. Then look again.
+    let node_reset = node
+        .annotations()
+        .get(super::reset::RESET_ANNOTATION)
+        .map(String::as_str);
+    let resets = super::reset::plan(node_reset, &obs.replicas, &obs.secrets);
+    if !resets.is_empty() {
+        let done = super::reset_io::apply(&ctx, &node, &ns, api.as_deref(), resets).await;
+        findings.failures.extend(done.problems);
+        if done.changed {
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
+    }
     // First keys (see `secrets::MINT_CONCURRENCY`), then the rest in order.
     let (mints, actions): (Vec<_>, Vec<_>) = actions
         .into_iter()

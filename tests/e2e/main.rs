@@ -18,6 +18,7 @@ mod faults;
 mod node;
 mod outage;
 mod prefs;
+mod reset;
 mod tailnet;
 mod upgrade;
 mod workloads;
@@ -54,6 +55,9 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     }),
     ("spec_change_reaches_a_restarted_statefulset_replica", |c| {
         Box::pin(prefs::spec_change_reaches_a_stateful_replica(c))
+    }),
+    ("reset_on_demand_gives_a_replica_a_new_device", |c| {
+        Box::pin(reset::reset_gives_a_new_device(c))
     }),
 ];
 
