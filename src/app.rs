@@ -110,8 +110,11 @@ fn inject(a: InjectArgs) -> anyhow::Result<()> {
 }
 
 /// Builds the real key API for resolved credentials.
-pub fn key_api_factory(metrics: Arc<Metrics>) -> crate::controller::credentials::ApiFactory {
-    Arc::new(move |creds: &ResolvedCredentials| crate::tsapi::build(creds, Some(metrics.clone())))
+pub fn key_api_factory(
+    metrics: Arc<Metrics>,
+    id_tokens: Option<Arc<dyn crate::tsapi::IdTokenSource>>,
+) -> crate::controller::credentials::ApiFactory {
+    Arc::new(move |creds: &ResolvedCredentials| crate::tsapi::build(creds, Some(metrics.clone()), id_tokens.clone()))
 }
 
 fn default_credentials(a: &RunArgs) -> Option<DefaultCredentials> {
@@ -120,7 +123,7 @@ fn default_credentials(a: &RunArgs) -> Option<DefaultCredentials> {
     let credentials = match kind {
         CredentialKind::Oauth => Credentials {
             oauth: Some(OAuthCredentials {
-                secret_name,
+                secret_name: Some(secret_name),
                 api_url: a.default_api_url.clone(),
                 ..Default::default()
             }),
@@ -246,13 +249,16 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
             timings,
         };
         let elect = a.leader_elect;
+        let id_tokens: Arc<dyn crate::tsapi::IdTokenSource> = Arc::new(
+            crate::controller::credentials::ServiceAccountTokens::new(client.clone(), &a.namespace, &a.service_account),
+        );
         // Checked before writes that must not come from two replicas; without election, always current.
         let fence = if elect { Fence::lease(timings) } else { Fence::always() };
         tasks.spawn(async move {
             // Followers are ready too: they serve the webhook and wait for the lease.
             ready.set(true);
             if !elect {
-                let cache = CredentialCache::new(key_api_factory(metrics.clone()));
+                let cache = CredentialCache::new(key_api_factory(metrics.clone(), Some(id_tokens.clone())));
                 crate::controller::run(client, metrics, cache, config, fence, stop.clone()).await;
                 return Ok(());
             }
@@ -262,8 +268,9 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
             while !stop.is_cancelled() {
                 let (c, f, l) = (client.clone(), fence.clone(), lease.clone());
                 let (client, metrics, config, fence) = (client.clone(), metrics.clone(), config.clone(), fence.clone());
+                let id_tokens = id_tokens.clone();
                 run_as_leader(c, l, f, stop.clone(), |lost| async move {
-                    let cache = CredentialCache::new(key_api_factory(metrics.clone()));
+                    let cache = CredentialCache::new(key_api_factory(metrics.clone(), Some(id_tokens.clone())));
                     crate::controller::run(client, metrics, cache, config, fence, lost).await;
                 })
                 .await;

@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// This replica's identity for leader election.
     #[arg(long, env = "POD_NAME", default_value = "tailnode")]
     pub identity: String,
+    /// The operator's ServiceAccount (in --namespace), whose tokens prove the operator to a
+    /// Tailscale OAuth client with workload identity federation.
+    #[arg(long, env = "POD_SERVICE_ACCOUNT", default_value = "tailnode")]
+    pub service_account: String,
     /// Serve the admission webhook.
     #[arg(long, env = "TAILNODE_WEBHOOK", default_value_t = true, action = clap::ArgAction::Set)]
     pub webhook: bool,

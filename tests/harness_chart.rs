@@ -376,6 +376,7 @@ fn assert_least_privilege(h: &Harness, inst: &Installed, apps: &str) {
     let lease = format!("leases/{}", parse_run_args(&inst.args).lease_name);
     let own_config = format!("mutatingwebhookconfigurations/{}", inst.webhook_config);
     let other_config = format!("{own_config}-other");
+    let own_sa = format!("serviceaccounts/{}", inst.service_account);
     for (want, args) in [
         (true, vec!["get", "secrets", "-A"]),
         (true, vec!["patch", own_config.as_str()]),
@@ -384,6 +385,11 @@ fn assert_least_privilege(h: &Harness, inst: &Installed, apps: &str) {
         (true, vec!["create", "roles", "-n", apps]),
         (true, vec!["patch", "pods", "-n", apps]),
         (true, vec!["create", "pods/eviction", "-n", apps]),
+        (true, vec!["create", own_sa.as_str(), "--subresource=token", "-n", rns]),
+        (
+            false,
+            vec!["create", "serviceaccounts/default", "--subresource=token", "-n", rns],
+        ),
         (true, vec!["create", "subjectaccessreviews"]),
         (false, vec!["delete", "deployments", "-A"]),
         (false, vec!["create", "pods", "-n", apps]),

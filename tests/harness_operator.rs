@@ -552,3 +552,51 @@ async fn webhook_edges_dry_run_malformed_and_selectors() {
     op_pods.delete("own", &DeleteParams::default()).await.unwrap();
     e.ns.cleanup().await;
 }
+
+/// Workload identity federation: the node names only the OAuth client's id and the audience it
+/// trusts; the operator asks the apiserver for a token of its own ServiceAccount for that
+/// audience and exchanges it, so no client secret is stored anywhere. The fake checks the
+/// token's audience and records its subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_identity_mints_without_a_stored_secret() {
+    let e = env("wif").await;
+    let f = fake(&["tag:k8s"]).await;
+    f.trust_audience("tailnode.test");
+    // The operator's ServiceAccount (`--service-account`, default `tailnode`) in its namespace.
+    let sa: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "tailnode"}})).unwrap();
+    match Api::namespaced(e.client.clone(), &e.op.namespace)
+        .create(&PostParams::default(), &sa)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(err)) if err.code == 409 => {}
+        Err(err) => panic!("create the operator's ServiceAccount: {err}"),
+    }
+    node(
+        &e,
+        "web",
+        json!({"tags": ["tag:k8s"], "credentials": {"oauth": {
+        "clientID": "cid", "audience": "tailnode.test", "apiURL": f.url()}}}),
+    )
+    .await;
+    deployment(&e, "web", "web", 1).await;
+    let pod = eventually(WAIT, || async { pods_of(&e, "web").await.into_iter().next() })
+        .await
+        .expect("a pod");
+    secret_with_key(&e, &format!("ts-{}", pod.name_any())).await;
+    let ledger = f.ledger();
+    assert_eq!(ledger.mints.len(), 1);
+    assert!(!ledger.exchanges.is_empty(), "no token exchange");
+    assert_eq!(
+        ledger.exchanges[0].subject,
+        format!("system:serviceaccount:{}:tailnode", e.op.namespace)
+    );
+    // Nothing secret in the namespace but the state Secret.
+    let secrets = e.ns.api::<Secret>().list(&ListParams::default()).await.unwrap();
+    assert!(
+        secrets.items.iter().all(|s| s.name_any().starts_with("ts-")),
+        "a credential Secret exists"
+    );
+    e.ns.cleanup().await;
+}

@@ -135,19 +135,38 @@ pub struct Credentials {
     pub auth_key: Option<AuthKeyCredentials>,
 }
 
-/// A Tailscale OAuth client stored in a Secret of this namespace.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+/// A Tailscale OAuth client: its secret stored in a Secret of this namespace, or, with workload
+/// identity federation, no secret at all: the operator proves itself with a short-lived token of
+/// its own ServiceAccount for `audience`, which the OAuth client trusts (see the README).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.secretName) != has(self.clientID)").message(
+    "oauth: set secretName (a stored client secret) or clientID with audience (workload identity federation), not both"
+))]
+#[x_kube(validation = Rule::new("has(self.clientID) == has(self.audience)").message(
+    "oauth: clientID and audience go together (workload identity federation)"
+))]
 pub struct OAuthCredentials {
     /// Secret holding the client id and secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
-    pub secret_name: String,
+    pub secret_name: Option<String>,
     /// Key of the client id in the Secret (default `client_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id_key: Option<String>,
     /// Key of the client secret in the Secret (default `client_secret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_secret_key: Option<String>,
+    /// Workload identity federation: the id of the OAuth client that trusts the cluster's
+    /// ServiceAccount token issuer (no client secret is stored).
+    #[serde(default, rename = "clientID", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub client_id: Option<String>,
+    /// Workload identity federation: the audience of the operator's ServiceAccount token, as
+    /// configured on the OAuth client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub audience: Option<String>,
     /// Base URL of the Tailscale API (default `https://api.tailscale.com`).
     #[serde(default, rename = "apiURL", skip_serializing_if = "Option::is_none")]
     pub api_url: Option<String>,

@@ -95,6 +95,26 @@ fn tags_must_start_with_tag() {
     assert_only(json!({"tags": ["tag:ok", "tag:"]}), "every tag");
 }
 
+/// An OAuth client is either a stored secret or workload identity federation (client id and
+/// audience together).
+#[test]
+fn oauth_is_a_secret_or_a_federated_client() {
+    let fed = json!({"credentials": {"oauth": {"clientID": "k123", "audience": "tailnode.example"}}});
+    assert_eq!(violations(fed), Vec::<String>::new());
+    assert_only(
+        json!({"credentials": {"oauth": {"secretName": "o", "clientID": "k", "audience": "a"}}}),
+        "set secretName (a stored client secret) or clientID with audience",
+    );
+    assert_only(
+        json!({"credentials": {"oauth": {}}}),
+        "set secretName (a stored client secret) or clientID with audience",
+    );
+    assert_only(
+        json!({"credentials": {"oauth": {"clientID": "k"}}}),
+        "clientID and audience go together",
+    );
+}
+
 #[test]
 fn exactly_one_credential_source() {
     let two = json!({"credentials": {

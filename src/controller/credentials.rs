@@ -120,15 +120,26 @@ async fn read(client: &Client, ns: &str, name: &str, key: &str) -> Result<String
 /// Reads the Secrets that `creds` names in `ns`.
 pub async fn resolve(client: &Client, ns: &str, creds: &Credentials) -> Result<ResolvedCredentials, Problem> {
     if let Some(o) = &creds.oauth {
+        let api_url = o.api_url.clone().unwrap_or_else(|| "https://api.tailscale.com".into());
+        let tailnet = o.tailnet.clone().unwrap_or_else(|| "-".into());
+        if let (Some(client_id), Some(audience)) = (&o.client_id, &o.audience) {
+            return Ok(ResolvedCredentials::Federated {
+                client_id: client_id.clone(),
+                audience: audience.clone(),
+                api_url,
+                tailnet,
+            });
+        }
+        let name = o.secret_name.as_deref().unwrap_or_default();
         let id_key = o.client_id_key.as_deref().unwrap_or("client_id");
         let secret_key = o.client_secret_key.as_deref().unwrap_or("client_secret");
         // One read for both values.
-        let secret = fetch(client, ns, &o.secret_name).await?;
+        let secret = fetch(client, ns, name).await?;
         return Ok(ResolvedCredentials::OAuth {
-            client_id: value(&secret, ns, &o.secret_name, id_key)?,
-            client_secret: value(&secret, ns, &o.secret_name, secret_key)?,
-            api_url: o.api_url.clone().unwrap_or_else(|| "https://api.tailscale.com".into()),
-            tailnet: o.tailnet.clone().unwrap_or_else(|| "-".into()),
+            client_id: value(&secret, ns, name, id_key)?,
+            client_secret: value(&secret, ns, name, secret_key)?,
+            api_url,
+            tailnet,
         });
     }
     if let Some(h) = &creds.headscale {
@@ -157,4 +168,59 @@ fn node_key(node: &TailscaleNode) -> String {
         node.metadata.namespace.as_deref().unwrap_or_default(),
         node.metadata.name.as_deref().unwrap_or_default()
     )
+}
+
+/// ID tokens for workload identity federation: short-lived tokens of the operator's own
+/// ServiceAccount (the TokenRequest API), bound to the audience the OAuth client trusts.
+pub struct ServiceAccountTokens {
+    api: Api<k8s_openapi::api::core::v1::ServiceAccount>,
+    name: String,
+}
+
+impl ServiceAccountTokens {
+    /// Tokens of ServiceAccount `namespace/name`.
+    pub fn new(client: Client, namespace: &str, name: &str) -> Self {
+        ServiceAccountTokens {
+            api: Api::namespaced(client, namespace),
+            name: name.to_string(),
+        }
+    }
+}
+
+/// Lifetime asked for each token: the exchange happens at once, and the access token it buys
+/// is cached for its own lifetime.
+const ID_TOKEN_SECONDS: i64 = 600;
+
+impl crate::tsapi::IdTokenSource for ServiceAccountTokens {
+    fn id_token<'a>(
+        &'a self,
+        audience: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<String, crate::tsapi::ApiError>> {
+        Box::pin(async move {
+            use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+            let req = TokenRequest {
+                spec: Some(TokenRequestSpec {
+                    audiences: Some(vec![audience.to_string()]),
+                    expiration_seconds: Some(ID_TOKEN_SECONDS),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let answer = self
+                .api
+                .create_token_request(&self.name, &kube::api::PostParams::default(), &req)
+                .await
+                .map_err(|e| {
+                    crate::tsapi::ApiError::Transport(format!(
+                        "requesting a token of ServiceAccount {}: {e}",
+                        self.name
+                    ))
+                })?;
+            answer
+                .status
+                .and_then(|s| s.token)
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| crate::tsapi::ApiError::Decode("the TokenRequest answer holds no token".into()))
+        })
+    }
 }

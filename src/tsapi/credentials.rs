@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::{ConfigError, HeadscaleApi, HeadscaleConfig, KeyApi, StaticKey, TailscaleApi, TailscaleConfig};
+use super::{
+    ConfigError, Grant, HeadscaleApi, HeadscaleConfig, IdTokenSource, KeyApi, StaticKey, TailscaleApi, TailscaleConfig,
+};
 use crate::metrics::Metrics;
 
 /// Credentials with their secrets read. Never log the values.
@@ -14,6 +16,14 @@ pub enum ResolvedCredentials {
     OAuth {
         client_id: String,
         client_secret: String,
+        api_url: String,
+        tailnet: String,
+    },
+    /// Tailscale OAuth client trusted through workload identity federation: no secret, the
+    /// operator's ServiceAccount token for `audience` instead.
+    Federated {
+        client_id: String,
+        audience: String,
         api_url: String,
         tailnet: String,
     },
@@ -27,6 +37,7 @@ impl std::fmt::Debug for ResolvedCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self {
             ResolvedCredentials::OAuth { .. } => "OAuth",
+            ResolvedCredentials::Federated { .. } => "Federated",
             ResolvedCredentials::Headscale { .. } => "Headscale",
             ResolvedCredentials::Static { .. } => "Static",
         };
@@ -50,6 +61,17 @@ impl ResolvedCredentials {
                     h.update([0]);
                 }
             }
+            ResolvedCredentials::Federated {
+                client_id,
+                audience,
+                api_url,
+                tailnet,
+            } => {
+                for part in ["federated", client_id, audience, api_url, tailnet] {
+                    h.update(part.as_bytes());
+                    h.update([0]);
+                }
+            }
             ResolvedCredentials::Headscale { url, api_key, user } => {
                 for part in ["headscale", url, api_key, user] {
                     h.update(part.as_bytes());
@@ -65,8 +87,12 @@ impl ResolvedCredentials {
     }
 }
 
-/// The key API for `creds`.
-pub fn build(creds: &ResolvedCredentials, metrics: Option<Arc<Metrics>>) -> Result<Arc<dyn KeyApi>, ConfigError> {
+/// The key API for `creds`; federated credentials take their ID tokens from `id_tokens`.
+pub fn build(
+    creds: &ResolvedCredentials,
+    metrics: Option<Arc<Metrics>>,
+    id_tokens: Option<Arc<dyn IdTokenSource>>,
+) -> Result<Arc<dyn KeyApi>, ConfigError> {
     Ok(match creds {
         ResolvedCredentials::OAuth {
             client_id,
@@ -75,6 +101,23 @@ pub fn build(creds: &ResolvedCredentials, metrics: Option<Arc<Metrics>>) -> Resu
             tailnet,
         } => {
             let mut cfg = TailscaleConfig::new(client_id.clone(), client_secret.clone());
+            cfg.base_url = api_url.clone();
+            cfg.tailnet = tailnet.clone();
+            cfg.metrics = metrics;
+            Arc::new(TailscaleApi::new(cfg)?)
+        }
+        ResolvedCredentials::Federated {
+            client_id,
+            audience,
+            api_url,
+            tailnet,
+        } => {
+            let source = id_tokens.ok_or(ConfigError::NoIdTokens)?;
+            let mut cfg = TailscaleConfig::new(client_id.clone(), String::new());
+            cfg.grant = Grant::IdToken {
+                audience: audience.clone(),
+                source,
+            };
             cfg.base_url = api_url.clone();
             cfg.tailnet = tailnet.clone();
             cfg.metrics = metrics;

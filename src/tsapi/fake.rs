@@ -86,6 +86,15 @@ pub struct Ledger {
     pub revocations: Vec<String>,
     /// Every request, in order of completion.
     pub requests: Vec<RequestRecord>,
+    /// ID tokens exchanged for access tokens (workload identity federation), in order.
+    pub exchanges: Vec<Exchange>,
+}
+
+/// One accepted token exchange: the ID token's subject and audience.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    pub subject: String,
+    pub audience: String,
 }
 
 struct Inner {
@@ -96,6 +105,8 @@ struct Inner {
     script: VecDeque<Scripted>,
     /// Timed faults: each answers every keys/device request until its deadline.
     outage: VecDeque<(Instant, Scripted)>,
+    /// The audience the client trusts for token exchange (none: exchange is refused).
+    trusted_audience: Option<String>,
     ledger: Ledger,
     seq: u64,
 }
@@ -155,11 +166,13 @@ impl FakeTailscale {
             devices: BTreeSet::new(),
             script: VecDeque::new(),
             outage: VecDeque::new(),
+            trusted_audience: None,
             ledger: Ledger::default(),
             seq: 0,
         })));
         let router = Router::new()
             .route("/api/v2/oauth/token", post(issue_token))
+            .route("/api/v2/oauth/token-exchange", post(exchange::exchange_token))
             .route("/api/v2/tailnet/{tailnet}/keys", post(mint_key))
             .route("/api/v2/tailnet/{tailnet}/keys/{id}", delete(revoke_key))
             .route("/api/v2/device/{id}", delete(delete_device))
@@ -214,6 +227,13 @@ impl FakeTailscale {
             inner.outage.push_back((at, answer));
         }
         at
+    }
+
+    /// Lets the client trust ID tokens for `audience` (workload identity federation): the token
+    /// exchange accepts a JWT whose `aud` holds it and whose `exp` is ahead. The fake reads the
+    /// claims but does not check the signature (Tailscale checks it against the issuer's keys).
+    pub fn trust_audience(&self, audience: &str) {
+        self.shared.lock().trusted_audience = Some(audience.to_string());
     }
 
     /// Replaces the client's tags (empty: every mint fails with 400).
@@ -284,6 +304,25 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     Some((id.to_owned(), secret.to_owned()))
 }
 
+#[path = "fake_exchange.rs"]
+mod exchange;
+
+/// A new access token, recorded as issued.
+fn new_access_token(inner: &mut Inner) -> Response {
+    inner.seq += 1;
+    let token = format!("fake-access-token-{}-{}", inner.seq, std::process::id());
+    let ttl = inner.token_ttl;
+    inner.tokens.insert(token.clone(), Instant::now() + ttl);
+    inner.ledger.tokens_issued += 1;
+    Json(json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": ttl.as_secs(),
+        "scope": "auth_keys devices:core",
+    }))
+    .into_response()
+}
+
 async fn issue_token(
     State(shared): State<Shared>,
     headers: HeaderMap,
@@ -304,18 +343,7 @@ async fn issue_token(
     if id.is_empty() || id != inner.config.client_id || secret != inner.config.client_secret {
         return message(StatusCode::UNAUTHORIZED, "invalid client credentials");
     }
-    inner.seq += 1;
-    let token = format!("fake-access-token-{}-{}", inner.seq, std::process::id());
-    let ttl = inner.token_ttl;
-    inner.tokens.insert(token.clone(), Instant::now() + ttl);
-    inner.ledger.tokens_issued += 1;
-    Json(json!({
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": ttl.as_secs(),
-        "scope": "auth_keys devices:core",
-    }))
-    .into_response()
+    new_access_token(&mut inner)
 }
 
 /// None when the request carries a valid, unexpired Bearer token; else the 401 to answer.

@@ -19,7 +19,7 @@ pub use credentials::{ResolvedCredentials, build};
 pub use headscale::{HeadscaleApi, HeadscaleConfig};
 pub use retry::RetryPolicy;
 pub use static_key::StaticKey;
-pub use tailscale::{TailscaleApi, TailscaleConfig};
+pub use tailscale::{Grant, IdTokenSource, TailscaleApi, TailscaleConfig};
 
 /// What to mint: a single-use, pre-authorized key for one replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +111,9 @@ pub enum ConfigError {
     /// The HTTP client could not be built (TLS set-up).
     #[error("could not build the HTTP client: {0}")]
     Client(String),
+    /// Federated credentials, but this operator has no ServiceAccount token source.
+    #[error("workload identity federation needs the operator's ServiceAccount (--service-account)")]
+    NoIdTokens,
 }
 
 /// Mints auth keys and deletes devices for one credential.

@@ -30,8 +30,8 @@ pub struct TailscaleConfig {
     pub tailnet: String,
     /// OAuth client id.
     pub client_id: String,
-    /// OAuth client secret. Never logged.
-    pub client_secret: String,
+    /// How the client proves itself. Never logged.
+    pub grant: Grant,
     /// Timeout of one HTTP request, default 10 s.
     pub timeout: Duration,
     /// Retries on 429, 5xx and transport errors.
@@ -47,12 +47,31 @@ impl TailscaleConfig {
             base_url: DEFAULT_BASE_URL.to_owned(),
             tailnet: "-".to_owned(),
             client_id: client_id.into(),
-            client_secret: client_secret.into(),
+            grant: Grant::Secret(client_secret.into()),
             timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
             metrics: None,
         }
     }
+}
+
+/// How an OAuth client gets its access token.
+#[derive(Clone)]
+pub enum Grant {
+    /// The client secret (`POST /api/v2/oauth/token`, client credentials).
+    Secret(String),
+    /// Workload identity federation: an ID token for `audience` from `source`, exchanged at
+    /// `POST /api/v2/oauth/token-exchange` (form `client_id`, `jwt`), as tailscale's own client does.
+    IdToken {
+        audience: String,
+        source: Arc<dyn IdTokenSource>,
+    },
+}
+
+/// Issues short-lived ID tokens (JWTs) for an audience: the operator's ServiceAccount tokens.
+pub trait IdTokenSource: Send + Sync {
+    /// A fresh token for `audience`.
+    fn id_token<'a>(&'a self, audience: &'a str) -> futures::future::BoxFuture<'a, Result<String, ApiError>>;
 }
 
 impl std::fmt::Debug for TailscaleConfig {
@@ -61,7 +80,7 @@ impl std::fmt::Debug for TailscaleConfig {
             .field("base_url", &self.base_url)
             .field("tailnet", &self.tailnet)
             .field("client_id", &self.client_id)
-            .field("client_secret", &"<redacted>")
+            .field("grant", &"<redacted>")
             .field("timeout", &self.timeout)
             .field("retry", &self.retry)
             .finish_non_exhaustive()
@@ -80,7 +99,7 @@ pub struct TailscaleApi {
     base: Url,
     tailnet: String,
     client_id: String,
-    client_secret: String,
+    grant: Grant,
     retry: RetryPolicy,
     metrics: Option<Arc<Metrics>>,
     /// Held across a token fetch, so concurrent callers share one fetch.
@@ -118,7 +137,7 @@ impl TailscaleApi {
             base_url,
             tailnet,
             client_id,
-            client_secret,
+            grant,
             timeout,
             retry,
             metrics,
@@ -128,7 +147,7 @@ impl TailscaleApi {
             base: retry::parse_base(&base_url)?,
             tailnet,
             client_id,
-            client_secret,
+            grant,
             retry,
             metrics,
             token: Mutex::new(None),
@@ -166,13 +185,28 @@ impl TailscaleApi {
     }
 
     async fn fetch_token(&self) -> Result<CachedToken, ApiError> {
-        let url = retry::join(&self.base, &["api", "v2", "oauth", "token"])?;
-        let form = [
-            ("grant_type", "client_credentials"),
-            ("client_id", self.client_id.as_str()),
-            ("client_secret", self.client_secret.as_str()),
-        ];
-        let resp = retry::send(&self.caller(), || self.http.post(url.clone()).form(&form)).await?;
+        let resp = match &self.grant {
+            Grant::Secret(secret) => {
+                let url = retry::join(&self.base, &["api", "v2", "oauth", "token"])?;
+                let form = [
+                    ("grant_type", "client_credentials"),
+                    ("client_id", self.client_id.as_str()),
+                    ("client_secret", secret.as_str()),
+                ];
+                retry::send(&self.caller(), || self.http.post(url.clone()).form(&form)).await?
+            }
+            Grant::IdToken { audience, source } => {
+                let url = retry::join(&self.base, &["api", "v2", "oauth", "token-exchange"])?;
+                let jwt = source.id_token(audience).await?;
+                let form = [
+                    ("grant_type", "authorization_code"),
+                    ("code", ""),
+                    ("client_id", self.client_id.as_str()),
+                    ("jwt", jwt.as_str()),
+                ];
+                retry::send(&self.caller(), || self.http.post(url.clone()).form(&form)).await?
+            }
+        };
         if !resp.status().is_success() {
             return Err(retry::error_for(resp).await);
         }

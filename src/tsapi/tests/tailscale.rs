@@ -397,3 +397,63 @@ async fn the_fakes_outage_runs_its_phases_in_order_then_ends() {
         "only the mint after the outage got through"
     );
 }
+
+/// ID tokens from a fixed subject, for the audience asked (or a fixed wrong one).
+struct Tokens {
+    wrong_audience: bool,
+}
+
+impl crate::tsapi::IdTokenSource for Tokens {
+    fn id_token<'a>(&'a self, audience: &'a str) -> futures::future::BoxFuture<'a, Result<String, ApiError>> {
+        use base64::Engine;
+        let aud = if self.wrong_audience { "someone-else" } else { audience };
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let claims =
+            serde_json::json!({"sub": "system:serviceaccount:tailnode-system:tailnode", "aud": [aud], "exp": exp});
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let jwt = format!(
+            "{}.{}.sig",
+            b64(br#"{"alg":"RS256"}"#),
+            b64(claims.to_string().as_bytes())
+        );
+        Box::pin(async move { Ok(jwt) })
+    }
+}
+
+fn federated(fake: &FakeTailscale, wrong_audience: bool) -> TailscaleApi {
+    let mut config = TailscaleConfig::new(ID, "");
+    config.base_url = fake.url();
+    config.retry.max_retries = 0;
+    config.grant = crate::tsapi::Grant::IdToken {
+        audience: "tailnode.example".into(),
+        source: Arc::new(Tokens { wrong_audience }),
+    };
+    TailscaleApi::new(config).unwrap()
+}
+
+/// Workload identity federation: no client secret; the ServiceAccount token is exchanged for
+/// an access token, which mints as usual. A token for another audience is refused.
+#[tokio::test]
+async fn a_federated_client_exchanges_its_id_token_and_mints() {
+    let fake = fake().await;
+    fake.trust_audience("tailnode.example");
+    let api = federated(&fake, false);
+    api.mint(&request("tailnode web-0", &["tag:k8s"])).await.unwrap();
+    let ledger = fake.ledger();
+    assert_eq!(ledger.mints.len(), 1);
+    assert_eq!(ledger.exchanges.len(), 1);
+    assert_eq!(
+        ledger.exchanges[0].subject,
+        "system:serviceaccount:tailnode-system:tailnode"
+    );
+    let refused = federated(&fake, true)
+        .mint(&request("tailnode web-1", &["tag:k8s"]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.reason(), "unauthorized", "{refused}");
+    assert_eq!(fake.ledger().mints.len(), 1);
+}
