@@ -255,17 +255,29 @@ pub(super) async fn retire(
         }
     }
     ctx.fence.check()?;
-    release_secret(secrets, secret).await
+    release_secret(secrets, secret, Some(device_id)).await
 }
 
-/// Removes the device finalizer from a state Secret and deletes it.
-async fn release_secret(secrets: &Api<Secret>, secret: &str) -> Result<(), Problem> {
+/// Removes the device finalizer from a state Secret and deletes it. With `deleted_device`, the
+/// Secret must not have registered any other device than that one (already deleted) meanwhile: a
+/// sidecar that logged in between the reconcile's read and now would otherwise leave its device
+/// behind. Every write is guarded by the resourceVersion it was decided on.
+async fn release_secret(secrets: &Api<Secret>, secret: &str, deleted_device: Option<Option<&str>>) -> Result<(), Problem> {
     let write_err = |e: kube::Error| Problem {
         reason: "SecretWriteFailed",
         message: format!("removing Secret {secret}: {e}"),
     };
     let current = secrets.get_opt(secret).await.map_err(write_err)?;
-    if let Some(s) = current {
+    if let Some(mut s) = current {
+        if let Some(deleted) = deleted_device {
+            let now = desired::secret_value(&s, "device_id");
+            if now.is_some() && now.as_deref() != deleted {
+                return Err(Problem {
+                    reason: "DeviceRegistered",
+                    message: format!("Secret {secret} registered a device while being released; deleting that device first"),
+                });
+            }
+        }
         let rest: Vec<String> = s
             .finalizers()
             .iter()
@@ -274,13 +286,20 @@ async fn release_secret(secrets: &Api<Secret>, secret: &str) -> Result<(), Probl
             .collect();
         if rest.len() != s.finalizers().len() {
             let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": s.resource_version()}});
-            secrets
+            s = secrets
                 .patch(secret, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map_err(write_err)?;
         }
         if s.metadata.deletion_timestamp.is_none() {
-            match secrets.delete(secret, &DeleteParams::default()).await {
+            let dp = DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    resource_version: s.resource_version(),
+                    uid: s.uid(),
+                }),
+                ..Default::default()
+            };
+            match secrets.delete(secret, &dp).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(write_err(e)),
@@ -297,5 +316,5 @@ pub(super) async fn abandon_device(secrets: &Api<Secret>, secret: &str) -> Resul
         secret,
         "namespace is terminating and credentials are unusable; leaving the device in the tailnet"
     );
-    release_secret(secrets, secret).await
+    release_secret(secrets, secret, None).await
 }
