@@ -20,7 +20,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ use kube::ResourceExt;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
-use support::operator::{Operator, argv, prepare, wait_ready};
+use support::operator::{Operator, prepare, spawn_process, wait_ready};
 use support::*;
 use tailnode::api::TailscaleNode;
 
@@ -62,24 +62,17 @@ impl Rng {
     }
 }
 
-/// Starts the operator binary against the harness, its output appended to a log in the harness.
+/// Starts the operator binary against the harness.
 fn spawn(h: &Harness, op: &Operator) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(h.dir.join("logs/chaos-operator.log"))
-        .unwrap();
-    let args = argv(h, op, &["--identity=chaos-operator".to_string()]);
-    Command::new(env!("CARGO_BIN_EXE_tailnode"))
-        .args(&args[1..])
-        .env("KUBECONFIG", &h.kubeconfig)
-        .env("RUST_LOG", "info")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("start the tailnode binary")
+    let flags = ["--identity=chaos-operator".to_string()];
+    spawn_process(
+        h,
+        op,
+        env!("CARGO_BIN_EXE_tailnode"),
+        &h.kubeconfig,
+        &flags,
+        "chaos-operator",
+    )
 }
 
 /// A workload of `REPLICAS` pods that never run; StatefulSets start them all at once.
@@ -432,18 +425,9 @@ async fn operator_crashes_under_pod_churn_lose_nothing() {
     );
 
     // Leave nothing behind: the operator takes the node's devices and keys away, then stops.
-    let _ = ns.api::<TailscaleNode>().delete("web", &DeleteParams::default()).await;
-    let gone = eventually(Duration::from_secs(60), || async {
-        ns.api::<TailscaleNode>()
-            .get_opt("web")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    let gone = ns.delete_node("web").await;
     child.kill().ok();
     child.wait().ok();
-    assert!(gone.is_some(), "the TailscaleNode was not cleaned up");
+    assert!(gone, "the TailscaleNode was not cleaned up");
     ns.cleanup().await;
 }

@@ -21,7 +21,7 @@ mod support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use support::operator::{Operator, argv, prepare, wait_ready};
+use support::operator::{Operator, prepare, spawn_process, wait_ready};
 use support::*;
 use tailnode::api::TailscaleNode;
 use tailnode::tsapi::fake::{FakeConfig, FakeTailscale};
@@ -135,28 +135,14 @@ struct Replica {
 
 impl Replica {
     fn start(&mut self, h: &Harness, op: &Operator) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(h.dir.join(format!("logs/ha-{}.log", self.identity)))
-            .unwrap();
         let flags = [
             format!("--identity={}", self.identity),
             format!("--webhook-addr=127.0.0.1:{}", self.webhook_port),
             format!("--admin-addr=127.0.0.1:{}", self.admin_port),
         ];
-        let args = argv(h, op, &flags);
-        let child = Command::new(env!("CARGO_BIN_EXE_tailnode"))
-            .args(&args[1..])
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "info")
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start the tailnode binary");
-        self.child = Some(child);
+        let log = format!("ha-{}", self.identity);
+        let binary = env!("CARGO_BIN_EXE_tailnode");
+        self.child = Some(spawn_process(h, op, binary, &self.kubeconfig, &flags, &log));
     }
 
     fn signal(&self, sig: &str) {
@@ -436,16 +422,7 @@ async fn one_leader_at_a_time_through_kill_freeze_and_partition() {
     let deployment_missing = if settled.is_some() { 0 } else { missing(want, have) };
 
     // Clean up while both replicas run (the node's finalizer needs a leader), then judge.
-    let _ = ns.api::<TailscaleNode>().delete("web", &DeleteParams::default()).await;
-    let gone = eventually(Duration::from_secs(60), || async {
-        ns.api::<TailscaleNode>()
-            .get_opt("web")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    let gone = ns.delete_node("web").await;
     for r in &mut replicas {
         r.kill();
     }
@@ -479,7 +456,7 @@ async fn one_leader_at_a_time_through_kill_freeze_and_partition() {
         "no write by either replica reached the audit log: nothing was judged"
     );
     assert_eq!(deployment_missing, 0, "pods the Deployment asked for are missing");
-    assert!(gone.is_some(), "the TailscaleNode was not cleaned up");
+    assert!(gone, "the TailscaleNode was not cleaned up");
     ns.cleanup().await;
 }
 

@@ -262,7 +262,11 @@ pub(super) async fn retire(
 /// Secret must not have registered any other device than that one (already deleted) meanwhile: a
 /// sidecar that logged in between the reconcile's read and now would otherwise leave its device
 /// behind. Every write is guarded by the resourceVersion it was decided on.
-async fn release_secret(secrets: &Api<Secret>, secret: &str, deleted_device: Option<Option<&str>>) -> Result<(), Problem> {
+async fn release_secret(
+    secrets: &Api<Secret>,
+    secret: &str,
+    deleted_device: Option<Option<&str>>,
+) -> Result<(), Problem> {
     let write_err = |e: kube::Error| Problem {
         reason: "SecretWriteFailed",
         message: format!("removing Secret {secret}: {e}"),
@@ -274,7 +278,9 @@ async fn release_secret(secrets: &Api<Secret>, secret: &str, deleted_device: Opt
             if now.is_some() && now.as_deref() != deleted {
                 return Err(Problem {
                     reason: "DeviceRegistered",
-                    message: format!("Secret {secret} registered a device while being released; deleting that device first"),
+                    message: format!(
+                        "Secret {secret} registered a device while being released; deleting that device first"
+                    ),
                 });
             }
         }

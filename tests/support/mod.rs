@@ -312,6 +312,18 @@ impl TestNamespace {
             .cloned()
     }
 
+    /// Deletes TailscaleNode `name` and waits (up to a minute) until its finalizer let it go;
+    /// false if it is still there.
+    pub async fn delete_node(&self, name: &str) -> bool {
+        let api = self.api::<TailscaleNode>();
+        let _ = api.delete(name, &DeleteParams::default()).await;
+        let gone = eventually(Duration::from_secs(60), || async {
+            api.get_opt(name).await.ok()?.is_none().then_some(())
+        })
+        .await;
+        gone.is_some()
+    }
+
     /// Deletes the namespace (without a controller-manager it stays Terminating; `down` wipes it).
     pub async fn cleanup(self) {
         let _ = Api::<Namespace>::all(self.client.clone())

@@ -152,6 +152,35 @@ pub async fn prepare(h: &Harness) -> Operator {
     }
 }
 
+/// Starts the `tailnode` binary (`binary`: the test's `env!("CARGO_BIN_EXE_tailnode")`) as an
+/// operator process for `op`, talking to the apiserver through `kubeconfig`, its output
+/// appended to `logs/<log>.log` in the harness.
+pub fn spawn_process(
+    h: &Harness,
+    op: &Operator,
+    binary: &str,
+    kubeconfig: &std::path::Path,
+    flags: &[String],
+    log: &str,
+) -> std::process::Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(h.dir.join(format!("logs/{log}.log")))
+        .unwrap();
+    let args = argv(h, op, flags);
+    std::process::Command::new(binary)
+        .args(&args[1..])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("start the tailnode binary")
+}
+
 /// Waits until the webhook configuration carries the operator's CA and `/readyz` answers.
 pub async fn wait_ready(h: &Harness, op: &Operator) {
     {
