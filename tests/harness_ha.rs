@@ -427,7 +427,15 @@ async fn one_leader_at_a_time_through_kill_freeze_and_partition() {
         r.kill();
     }
     let ids: Vec<(String, Ipv4Addr)> = replicas.iter().map(|r| (r.identity.clone(), r.src)).collect();
-    let audit = std::fs::read_to_string(h.dir.join("logs/audit.log")).expect("the apiserver's audit log");
+    // The apiserver's audit log, with its rotated backup (audit-<time>.log) should it have rotated.
+    let mut audit = String::new();
+    for entry in std::fs::read_dir(h.dir.join("logs")).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("audit") {
+            audit.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            audit.push('\n');
+        }
+    }
+    assert!(!audit.trim().is_empty(), "the apiserver wrote no audit log");
     let (samples, dual) = judge(&audit, &ids, &op.namespace, &ns.name, since);
     for (kind, took) in &failovers {
         println!(
