@@ -74,7 +74,12 @@ node_bridge_up() {
     fi
     ip link del "$node_bridge"
   fi
-  ip link add "$node_bridge" type bridge
+  # A fixed MAC: a bridge without one takes the lowest MAC of its ports, so a pod whose veth
+  # sorts lower changes the gateway's MAC under every other pod, whose ARP entry for the node IP
+  # then points nowhere until it expires: 10-45 s with no traffic between those pods and the
+  # node (the apiserver, the kubelet's probes, Headscale). Found as lease timeouts, failed
+  # probes and a write delivered 55 s late.
+  ip link add "$node_bridge" address 02:74:6e:00:00:01 type bridge
   echo "$harness" >"$node_bridge_owner"
   ip addr add "$node_ip/25" dev "$node_bridge"
   ip addr add "$node_apiserver_ip/32" dev "$node_bridge"
