@@ -384,7 +384,7 @@ fn assert_least_privilege(h: &Harness, inst: &Installed, apps: &str) {
         (true, vec!["update", lease.as_str(), "-n", rns]),
         (true, vec!["create", "roles", "-n", apps]),
         (true, vec!["patch", "pods", "-n", apps]),
-        (true, vec!["create", "pods/eviction", "-n", apps]),
+        (true, vec!["create", "pods", "--subresource=eviction", "-n", apps]),
         (true, vec!["create", own_sa.as_str(), "--subresource=token", "-n", rns]),
         (
             false,
