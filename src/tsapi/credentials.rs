@@ -48,40 +48,26 @@ impl std::fmt::Debug for ResolvedCredentials {
 impl ResolvedCredentials {
     /// A digest of the credential content (for caching clients; never the values themselves).
     pub fn cache_key(&self) -> String {
-        let mut h = Sha256::new();
-        match self {
+        let parts: Vec<&str> = match self {
             ResolvedCredentials::OAuth {
                 client_id,
                 client_secret,
                 api_url,
                 tailnet,
-            } => {
-                for part in ["oauth", client_id, client_secret, api_url, tailnet] {
-                    h.update(part.as_bytes());
-                    h.update([0]);
-                }
-            }
+            } => vec!["oauth", client_id, client_secret, api_url, tailnet],
             ResolvedCredentials::Federated {
                 client_id,
                 audience,
                 api_url,
                 tailnet,
-            } => {
-                for part in ["federated", client_id, audience, api_url, tailnet] {
-                    h.update(part.as_bytes());
-                    h.update([0]);
-                }
-            }
-            ResolvedCredentials::Headscale { url, api_key, user } => {
-                for part in ["headscale", url, api_key, user] {
-                    h.update(part.as_bytes());
-                    h.update([0]);
-                }
-            }
-            ResolvedCredentials::Static { key } => {
-                h.update(b"static\0");
-                h.update(key.as_bytes());
-            }
+            } => vec!["federated", client_id, audience, api_url, tailnet],
+            ResolvedCredentials::Headscale { url, api_key, user } => vec!["headscale", url, api_key, user],
+            ResolvedCredentials::Static { key } => vec!["static", key],
+        };
+        let mut h = Sha256::new();
+        for part in parts {
+            h.update(part.as_bytes());
+            h.update([0]);
         }
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }

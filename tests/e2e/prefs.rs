@@ -5,14 +5,13 @@
 //! old spec is named by `RestartNeeded`; once recreated it runs the new preferences as the same
 //! device, with no new key.
 
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, Ns, WAIT, data, is_ready};
 use crate::support;
-use crate::workloads::{app_container, node};
+use crate::workloads::db_statefulset;
 use tailnode::api::TailscaleNode;
 
 /// tailscaled's current preferences in pod `pod`, as JSON.
@@ -29,12 +28,7 @@ fn prefs(c: &Cluster, ns: &Ns, pod: &str) -> Value {
 
 pub async fn spec_change_reaches_a_stateful_replica(c: Cluster) {
     let ns = Ns::new(&c, "prefs", json!({})).await;
-    node(&ns, "db", json!({"tags": ["tag:k8s"], "hostname": "db"})).await;
-    ns.create::<StatefulSet>(json!({"metadata": {"name": "db"}, "spec": {
-        "replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
-        "template": {"metadata": {"labels": {"app": "db", "tailnode.dev/node": "db"}},
-            "spec": {"terminationGracePeriodSeconds": 2, "containers": [app_container(&c, "db")]}}}}))
-        .await;
+    db_statefulset(&c, &ns).await;
     let db0 = ns.pod_where("db-0", "Ready", is_ready).await;
     let s = ns.secret_where("ts-db-0", |s| data(s, "device_id").is_some()).await;
     let device = data(&s, "device_id").unwrap();

@@ -4,7 +4,7 @@
 //! the old pod was gone. A Deployment's pod is evicted and replaced by a pod that joins as a new
 //! device, the old device deleted. A bare pod is refused with an Event and keeps running.
 
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::cluster::{Cluster, Ns, WAIT, data, is_ready};
 use crate::support;
-use crate::workloads::{app_container, node};
+use crate::workloads::{app_container, db_statefulset};
 use tailnode::api::TailscaleNode;
 
 async fn ask_reset(ns: &Ns, pod: &str, value: &str) {
@@ -39,12 +39,7 @@ async fn events(ns: &Ns, reason: &str) -> Vec<String> {
 
 pub async fn reset_gives_a_new_device(c: Cluster) {
     let ns = Ns::new(&c, "reset", json!({})).await;
-    node(&ns, "db", json!({"tags": ["tag:k8s"], "hostname": "db"})).await;
-    ns.create::<StatefulSet>(json!({"metadata": {"name": "db"}, "spec": {
-        "replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
-        "template": {"metadata": {"labels": {"app": "db", "tailnode.dev/node": "db"}},
-            "spec": {"terminationGracePeriodSeconds": 2, "containers": [app_container(&c, "db")]}}}}))
-        .await;
+    db_statefulset(&c, &ns).await;
     ns.create::<Deployment>(json!({"metadata": {"name": "web"}, "spec": {
         "replicas": 1, "selector": {"matchLabels": {"app": "web"}},
         "template": {"metadata": {"labels": {"app": "web", "tailnode.dev/node": "db"}},

@@ -222,3 +222,13 @@ pub async fn member_get(c: &Cluster, ns: &Ns, member: &str, ip: &str, port: u16,
         tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     }
 }
+
+/// TailscaleNode `db` (hostname `db`, `tag:k8s`) and a one-replica StatefulSet `db` of it.
+pub async fn db_statefulset(c: &Cluster, ns: &Ns) {
+    node(ns, "db", json!({"tags": ["tag:k8s"], "hostname": "db"})).await;
+    ns.create::<k8s_openapi::api::apps::v1::StatefulSet>(json!({"metadata": {"name": "db"}, "spec": {
+        "replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+        "template": {"metadata": {"labels": {"app": "db", "tailnode.dev/node": "db"}},
+            "spec": {"terminationGracePeriodSeconds": 2, "containers": [app_container(c, "db")]}}}}))
+        .await;
+}
