@@ -185,13 +185,19 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
             .context("reading the apiserver version")?;
         let (nodes, node_writer) = reflector::store();
         let (namespaces, ns_writer) = reflector::store();
+        // The webhook reads nodes' specs and namespaces' labels: the caches keep no managedFields
+        // and no node status.
         let node_stream = reflector(
             node_writer,
-            watcher(Api::<TailscaleNode>::all(client.clone()), Default::default()),
+            watcher(Api::<TailscaleNode>::all(client.clone()), Default::default()).modify(|n| {
+                n.metadata.managed_fields = None;
+                n.status = None;
+            }),
         );
         let ns_stream = reflector(
             ns_writer,
-            watcher(Api::<Namespace>::all(client.clone()), Default::default()),
+            watcher(Api::<Namespace>::all(client.clone()), Default::default())
+                .modify(|n| n.metadata.managed_fields = None),
         );
         for stream in [
             node_stream.backoff(WatchBackoff::default()).boxed().map(|_| ()).boxed(),

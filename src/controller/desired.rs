@@ -71,10 +71,10 @@ pub fn finished(pod: &Pod) -> bool {
 /// The replicas among `pods`: injected, labelled for `node`, named. A finished pod that no
 /// StatefulSet will replace under the same name is no replica any more: its device leaves the
 /// tailnet without waiting for the pod object to be deleted.
-pub fn replicas(node: &TailscaleNode, pods: &[Pod]) -> Vec<Replica> {
+pub fn replicas<'a>(node: &TailscaleNode, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Replica> {
     let name = node.metadata.name.as_deref().unwrap_or_default();
     let mut out: Vec<Replica> = pods
-        .iter()
+        .into_iter()
         .filter(|p| {
             p.metadata
                 .labels
@@ -228,7 +228,7 @@ pub fn role(node: &TailscaleNode, secrets: &BTreeSet<String>) -> Role {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["secrets".into()]),
             resource_names: Some(secrets.iter().cloned().collect()),
-            verbs: vec!["get".into(), "update".into(), "patch".into()],
+            verbs: super::gate::SECRET_VERBS.map(String::from).to_vec(),
             ..Default::default()
         });
     }

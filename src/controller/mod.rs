@@ -2,6 +2,7 @@
 //! device cleanup and status. `desired` and `status` are pure; `reconcile` does the I/O.
 
 pub mod applied;
+pub mod cache;
 pub mod credentials;
 pub mod desired;
 pub mod election;
@@ -20,7 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -189,8 +191,10 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 pub struct Context {
     /// API client.
     pub client: Client,
-    /// Pods labelled `tailnode.dev/node`, from a reflector.
+    /// Pods labelled `tailnode.dev/node`, from a reflector, stripped by `cache::strip_pod`.
     pub pods: Store<Pod>,
+    /// Namespaces' metadata (is one being deleted?), from a reflector.
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// Event recorder.
     pub recorder: Recorder,
     /// Metrics.
@@ -216,6 +220,11 @@ fn error_policy(node: Arc<TailscaleNode>, err: &Error, ctx: Arc<Context>) -> Act
     Action::requeue(ctx.backoff.next(&node))
 }
 
+/// How many TailscaleNodes reconcile at once. Each holds its namespace's replicas and Secrets
+/// while it runs, so this bounds the controller's transient memory; a reconcile mostly waits on
+/// the apiserver, so 16 keep both cores busy at 500 nodes.
+pub const RECONCILE_CONCURRENCY: u16 = 16;
+
 /// Runs the controller until `shutdown` fires.
 pub async fn run(
     client: Client,
@@ -229,11 +238,29 @@ pub async fn run(
     let client = fenced::fenced(client, fence.clone());
     let nodes: Api<TailscaleNode> = Api::all(client.clone());
     let pods_api: Api<Pod> = Api::all(client.clone());
-    let secrets: Api<Secret> = Api::all(client.clone());
+    let secrets: Api<PartialObjectMeta<Secret>> = Api::all(client.clone());
     let labelled = watcher::Config::default().labels(NODE_LABEL);
     let (pods, writer) = kube::runtime::reflector::store();
-    let pod_stream = kube::runtime::reflector(writer, watcher(pods_api, labelled.clone())).applied_objects();
+    let pod_stream = kube::runtime::reflector(writer, watcher(pods_api, labelled.clone()).modify(cache::strip_pod))
+        // Deletions too: a deleted pod's device leaves the tailnet without waiting for a requeue.
+        .touched_objects();
+    let (namespaces, ns_writer) = kube::runtime::reflector::store();
+    let ns_meta: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+    let ns_stream = kube::runtime::reflector(
+        ns_writer,
+        watcher(ns_meta, watcher::Config::default())
+            .modify(|n| n.metadata.managed_fields = None)
+            .backoff(WatchBackoff::default()),
+    );
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = ns_stream.for_each(|_| async {}) => {}
+            _ = stop.cancelled() => {}
+        }
+    });
     let ctx = Arc::new(Context {
+        namespaces,
         recorder: Recorder::new(client.clone(), Reporter::from("tailnode")),
         client,
         pods,
@@ -249,14 +276,26 @@ pub async fn run(
         Some(ObjectRef::<TailscaleNode>::new(&label?).within(&ns?))
     };
     info!("controller starting");
-    Controller::new(nodes, watcher::Config::default())
+    // The nodes' cache without their managedFields (half of a node's size, never read).
+    let (node_store, node_writer) = kube::runtime::reflector::store();
+    let node_stream = kube::runtime::reflector(
+        node_writer,
+        watcher(nodes, watcher::Config::default())
+            .modify(|n: &mut TailscaleNode| n.metadata.managed_fields = None)
+            .backoff(WatchBackoff::default()),
+    )
+    .touched_objects();
+    Controller::for_stream(node_stream, node_store)
         .trigger_backoff(WatchBackoff::default())
         .watches_stream(pod_stream, move |p: Pod| {
             to_node(&|| (p.labels().get(NODE_LABEL).cloned(), p.namespace()))
         })
-        .watches(secrets, labelled, move |s: Secret| {
-            to_node(&|| (s.labels().get(NODE_LABEL).cloned(), s.namespace()))
-        })
+        // Any change of a state Secret triggers its node; its metadata says which.
+        .watches_stream(
+            watcher(secrets, labelled).touched_objects(),
+            move |s: PartialObjectMeta<Secret>| to_node(&|| (s.labels().get(NODE_LABEL).cloned(), s.namespace())),
+        )
+        .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|res| {

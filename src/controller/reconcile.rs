@@ -58,14 +58,12 @@ struct Observed {
 async fn observe(node: &TailscaleNode, ctx: &Context) -> Result<Observed, Error> {
     let ns = node.namespace().unwrap_or_default();
     let name = node.name_any();
-    let pods: Vec<Pod> = ctx
-        .pods
-        .state()
+    let pods = ctx.pods.state();
+    let in_namespace = pods
         .iter()
         .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
-        .map(|p| (**p).clone())
-        .collect();
-    let replicas = desired::replicas(node, &pods);
+        .map(|p| p.as_ref());
+    let replicas = desired::replicas(node, in_namespace);
     let secrets = list_secrets(ctx, &ns, &name).await?;
     let mut statefulsets = BTreeMap::new();
     let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
@@ -106,6 +104,9 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
     let ttl = chrono::Duration::from_std(ctx.config.key_ttl).unwrap_or_else(|_| chrono::Duration::minutes(10));
     let (to_create, actions) = desired::plan(&obs.replicas, &obs.secrets, &obs.statefulsets, ttl, Utc::now(), false);
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    // With nothing to create, mint, replace, strip or retire, the Secrets read above are still
+    // the Secrets as they are (most reconciles: a Secret's own update woke the node up).
+    let writes_secrets = !to_create.is_empty() || !actions.is_empty();
 
     // Secrets first (empty), then the Role naming them, so the sidecar can read its Secret. A
     // Secret of that name that is not tailnode's is never used nor granted.
@@ -291,7 +292,11 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
     }
 
     // Status from the Secrets as they are now; sidecars whose credentials are in place may start.
-    let secrets = list_secrets(&ctx, &ns, &key).await?;
+    let secrets = if writes_secrets {
+        list_secrets(&ctx, &ns, &key).await?
+    } else {
+        obs.secrets
+    };
     let now = Utc::now();
     let ready = gate::to_open(&obs.replicas, &secrets, &granted, ttl, now);
     let still_gated = match gate::open(&ctx.client, &ns, &ready).await {
@@ -465,8 +470,14 @@ async fn pod_still_exists(ctx: &Context, ns: &str, secrets: &[Secret], secret: &
     Ok(found.is_some_and(|p| p.metadata.deletion_timestamp.is_none() && (statefulset || !desired::finished(&p))))
 }
 
+/// True when namespace `ns` is being deleted: from the namespace cache, or from the apiserver
+/// when the cache does not (yet) have it.
 pub(super) async fn namespace_terminating(ctx: &Context, ns: &str) -> bool {
-    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
+    use k8s_openapi::api::core::v1::Namespace;
+    if let Some(cached) = ctx.namespaces.get(&kube::runtime::reflector::ObjectRef::new(ns)) {
+        return cached.metadata.deletion_timestamp.is_some();
+    }
+    let api: Api<Namespace> = Api::all(ctx.client.clone());
     matches!(api.get_opt(ns).await, Ok(Some(n)) if n.metadata.deletion_timestamp.is_some())
 }
 

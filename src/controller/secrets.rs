@@ -101,6 +101,7 @@ impl From<Problem> for MintFailed {
 }
 
 /// Mints a key for each `(secret, pod)`, [`MINT_CONCURRENCY`] at a time; returns the failures.
+/// One Event tells of every key minted (one per key would be an apiserver write per pod).
 pub(super) async fn mint_all(
     ctx: &Context,
     node: &TailscaleNode,
@@ -108,15 +109,45 @@ pub(super) async fn mint_all(
     secrets: &Api<Secret>,
     wanted: impl Iterator<Item = (String, String)>,
 ) -> Vec<(String, MintFailed)> {
-    futures::stream::iter(wanted)
+    let results: Vec<(String, String, Result<(), MintFailed>)> = futures::stream::iter(wanted)
         .map(|(secret, pod)| async move {
             let result = mint(ctx, node, api, secrets, &secret, &pod).await;
-            result.err().map(|p| (secret, p))
+            (secret, pod, result)
         })
         .buffer_unordered(MINT_CONCURRENCY)
-        .filter_map(std::future::ready)
         .collect()
-        .await
+        .await;
+    let mut minted = Vec::new();
+    let mut failed = Vec::new();
+    for (secret, pod, result) in results {
+        match result {
+            Ok(()) => minted.push(pod),
+            Err(f) => failed.push((secret, f)),
+        }
+    }
+    if let Some(note) = minted_note(minted) {
+        publish(ctx, node, EventType::Normal, "KeyMinted", "Mint", &note).await;
+    }
+    failed
+}
+
+/// PURE: the Event note for keys minted in one pass, naming the first pods; None for none.
+pub fn minted_note(mut pods: Vec<String>) -> Option<String> {
+    const NAMED: usize = 5;
+    pods.sort();
+    let (first, rest) = pods.split_at(pods.len().min(NAMED));
+    let names = first.join(", ");
+    match (first.len(), rest.len()) {
+        (0, _) => None,
+        (1, _) => Some(format!(
+            "minted a single-use auth key for pod {names} into its state Secret"
+        )),
+        (n, 0) => Some(format!("minted single-use auth keys for {n} pods: {names}")),
+        (n, more) => Some(format!(
+            "minted single-use auth keys for {} pods: {names} and {more} more",
+            n + more
+        )),
+    }
 }
 
 pub(super) async fn mint(
@@ -157,8 +188,6 @@ pub(super) async fn mint(
                     message: format!("writing the key into Secret {secret}: {e}"),
                 })?;
             info!(secret, api = api.kind(), "minted auth key");
-            let note = format!("minted a single-use auth key for pod {pod} into Secret {secret}");
-            publish(ctx, node, EventType::Normal, "KeyMinted", "Mint", &note).await;
             Ok(())
         }
         Err(e) => {
@@ -323,4 +352,27 @@ pub(super) async fn abandon_device(secrets: &Api<Secret>, secret: &str) -> Resul
         "namespace is terminating and credentials are unusable; leaving the device in the tailnet"
     );
     release_secret(secrets, secret, None).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::minted_note;
+
+    #[test]
+    fn one_event_names_the_first_pods_of_a_pass() {
+        let pods = |n: usize| (0..n).map(|i| format!("p{i}")).collect::<Vec<_>>();
+        assert_eq!(minted_note(vec![]), None);
+        assert_eq!(
+            minted_note(pods(1)).as_deref(),
+            Some("minted a single-use auth key for pod p0 into its state Secret")
+        );
+        assert_eq!(
+            minted_note(vec!["b".into(), "a".into()]).as_deref(),
+            Some("minted single-use auth keys for 2 pods: a, b")
+        );
+        assert_eq!(
+            minted_note(pods(8)).as_deref(),
+            Some("minted single-use auth keys for 8 pods: p0, p1, p2, p3, p4 and 3 more")
+        );
+    }
 }

@@ -293,14 +293,25 @@ pub(crate) fn join(base: &Url, segments: &[&str]) -> Result<Url, ApiError> {
     Ok(url)
 }
 
-/// A reqwest client with this request timeout. Installs the ring TLS provider first: reqwest
-/// built with `rustls-no-provider` panics without one.
+/// A reqwest client with this request timeout, shared by every key API of the process that uses
+/// the same timeout: a client holds its TLS configuration (every trusted root, parsed) and a
+/// connection pool, and an operator with a credential per namespace would otherwise keep one of
+/// each per namespace (tens of MB at 50 namespaces). Requests carry their own authorization, so
+/// sharing the pool shares nothing secret. Installs the ring TLS provider first: reqwest built
+/// with `rustls-no-provider` panics without one.
 pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, ConfigError> {
+    static CLIENTS: std::sync::Mutex<Vec<(Duration, reqwest::Client)>> = std::sync::Mutex::new(Vec::new());
     crate::install_crypto_provider();
-    reqwest::Client::builder()
+    let mut clients = CLIENTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, client)) = clients.iter().find(|(t, _)| *t == timeout) {
+        return Ok(client.clone());
+    }
+    let client = reqwest::Client::builder()
         .timeout(timeout)
         .build()
-        .map_err(|e| ConfigError::Client(error_chain(&e)))
+        .map_err(|e| ConfigError::Client(error_chain(&e)))?;
+    clients.push((timeout, client.clone()));
+    Ok(client)
 }
 
 #[cfg(test)]

@@ -419,4 +419,5 @@ pub fn free_port() -> u16 {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+pub mod bench;
 pub mod operator;
