@@ -250,5 +250,55 @@ pub async fn isolated_credentials(c: Cluster) {
         minted,
         "a new key was minted"
     );
+    debug_side_doors(&ns, &name).await;
     ns.delete().await;
+}
+
+/// `kubectl debug` cannot reach the sidecar's token (the chart's ephemeral-container policy): an
+/// ephemeral container may neither mount the sidecar's token volume nor target the sidecar, while
+/// debugging the app stays possible. Dry runs: admission runs in full, nothing is added.
+async fn debug_side_doors(ns: &Ns, pod: &str) {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Patch, PatchParams};
+    let pods = ns.api::<Pod>();
+    let pp = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let add = |extra: serde_json::Value| {
+        let mut c = json!({"name": "debug", "image": "busybox", "command": ["sh"], "stdin": true, "tty": true});
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            c[k] = v;
+        }
+        let pods = pods.clone();
+        let pp = pp.clone();
+        async move {
+            let body = json!({"spec": {"ephemeralContainers": [c]}});
+            pods.patch_subresource("ephemeralcontainers", pod, &pp, &Patch::Strategic(body))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    let mount = json!({"volumeMounts": [{"name": "tailnode-kube-api-access", "mountPath": "/t"}]});
+    let refused = support::eventually(WAIT, || async {
+        add(mount.clone())
+            .await
+            .err()
+            .filter(|e| e.contains("may not mount the volume tailnode-kube-api-access"))
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "an ephemeral container could mount the sidecar's token"
+    );
+    let target = add(json!({"targetContainerName": "tailscale"})).await;
+    assert!(
+        target
+            .as_ref()
+            .is_err_and(|e| e.contains("may not target the tailscale sidecar")),
+        "an ephemeral container could target the sidecar: {target:?}"
+    );
+    let app = add(json!({"targetContainerName": "app"})).await;
+    assert!(app.is_ok(), "debugging the app container was refused: {app:?}");
 }

@@ -267,6 +267,24 @@ fn kustomize_matches_the_chart() {
     same("PodDisruptionBudget", "/spec");
     same("MutatingWebhookConfiguration", "/webhooks");
     same("MutatingWebhookConfiguration", "/metadata/name");
+    // The admission policies, by name: the same rules.
+    let policy = |docs: &[Value], name: &str| {
+        find(docs, "ValidatingAdmissionPolicy")
+            .into_iter()
+            .find(|p| p["metadata"]["name"] == name)
+            .map(|p| p["spec"].clone())
+    };
+    for name in ["tailnode-pod-updates", "tailnode-ephemeral-containers"] {
+        assert!(
+            policy(&k, name).is_some(),
+            "ValidatingAdmissionPolicy {name} missing in config/"
+        );
+        assert_eq!(
+            policy(&k, name),
+            policy(&c, name),
+            "{name}: config/ differs from the chart"
+        );
+    }
     same("Deployment", "/spec/replicas");
     same("Deployment", "/spec/selector");
     for field in ["securityContext", "serviceAccountName", "affinity"] {
