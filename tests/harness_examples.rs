@@ -314,7 +314,12 @@ fn check_example(file: &str, workload: &Value, sidecar: &Value, native: bool) {
                 !env.get("TS_EXTRA_ARGS").is_some_and(|a| a.contains("--accept-routes")),
                 "{what}"
             );
-            assert_eq!(sidecar["securityContext"]["privileged"], Value::Bool(true), "{what}");
+            // Forwarding comes from a privileged init container that runs first; the sidecar
+            // itself is not privileged.
+            assert!(sidecar["securityContext"]["privileged"].is_null(), "{what}");
+            let first = containers(spec, "initContainers").next().unwrap();
+            assert_eq!(str_at(first, &["name"]), Some("tailscale-forwarding"), "{what}");
+            assert_eq!(first["securityContext"]["privileged"], Value::Bool(true), "{what}");
             let volumes = serde_yaml::to_string(&spec["volumes"]).unwrap();
             assert!(volumes.contains("/dev/net/tun"), "{what}: no /dev/net/tun");
         }

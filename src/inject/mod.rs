@@ -3,6 +3,7 @@
 
 mod env;
 mod facts;
+pub mod forwarding;
 mod hostname;
 mod optin;
 mod serve;

@@ -60,10 +60,25 @@ pub(super) fn add(spec: &mut PodSpec, plan: &Plan<'_>) -> Result<(), InjectError
         env::export_proxy_env(spec, outbound, plan.native);
     }
     let container = container(plan);
+    let forwarding = super::forwarding::needed(plan.spec, plan.mode)
+        .then(|| super::forwarding::container(container.image.as_deref().unwrap_or_default()));
+    if let Some(f) = &forwarding {
+        let taken = spec.init_containers.iter().flatten().chain(&spec.containers);
+        if taken.into_iter().any(|c| c.name == f.name) {
+            return Err(InjectError::NameTaken {
+                what: "container",
+                name: f.name.clone(),
+            });
+        }
+    }
     if plan.native {
         spec.init_containers.get_or_insert_with(Vec::new).insert(0, container);
     } else {
         spec.containers.push(container);
+    }
+    // First of all: forwarding is on before tailscaled starts routing.
+    if let Some(f) = forwarding {
+        spec.init_containers.get_or_insert_with(Vec::new).insert(0, f);
     }
     spec.volumes.get_or_insert_with(Vec::new).extend(volumes);
     Ok(())

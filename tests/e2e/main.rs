@@ -19,6 +19,7 @@ mod node;
 mod outage;
 mod prefs;
 mod reset;
+mod routes;
 mod tailnet;
 mod upgrade;
 mod workloads;
@@ -77,6 +78,11 @@ const ALONE: &[(&str, Scenario)] = &[
     }),
 ];
 
+/// Only on the local harness (they wire network namespaces of their own into pods), with the others.
+const LOCAL: &[(&str, Scenario)] = &[("subnet_routes_both_ways", |c| {
+    Box::pin(routes::subnet_routes_both_ways(c))
+})];
+
 /// Alone too, and only on the local harness: they restart its processes.
 const LOCAL_ALONE: &[(&str, Scenario)] = &[("apiserver_and_headscale_restarts_need_no_operator_restart", |c| {
     Box::pin(faults::control_plane_faults(c))
@@ -86,9 +92,13 @@ fn main() {
     // cargo passes libtest flags (e.g. --test-threads); anything not starting with '-' filters.
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
-    let chosen: Vec<&(&str, Scenario)> = SCENARIOS.iter().filter(|(name, _)| wanted(name)).collect();
     // The local-harness-only scenarios are not listed at all on another cluster.
     let local = std::env::var("TAILNODE_E2E_EXTERNAL").map_or(true, |v| v != "1");
+    let chosen: Vec<&(&str, Scenario)> = SCENARIOS
+        .iter()
+        .chain(LOCAL.iter().filter(|_| local))
+        .filter(|(name, _)| wanted(name))
+        .collect();
     let local_alone = LOCAL_ALONE.iter().filter(|_| local);
     let alone: Vec<&(&str, Scenario)> = ALONE
         .iter()

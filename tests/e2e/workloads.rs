@@ -164,11 +164,16 @@ pub async fn deployment(c: &Cluster, ns: &Ns, app: &str, node: &str, sa: &str, b
 /// A plain tailnet member in its own pod (not injected): userspace tailscaled with a Headscale
 /// key, reached with `kubectl exec`. [`member_get`] fetches a URL over the tailnet through it.
 pub async fn member(c: &Cluster, ns: &Ns, name: &str) -> String {
+    member_with(c, ns, name, "").await
+}
+
+/// [`member`] with more `tailscale up` flags (`--accept-routes`, `--advertise-routes=...`).
+pub async fn member_with(c: &Cluster, ns: &Ns, name: &str, up_flags: &str) -> String {
     let key = c.member_key().await;
     let script = format!(
         "tailscaled --tun=userspace-networking --state=mem: --statedir=/tmp/ts --socket=/tmp/ts.sock \
          --no-logs-no-support & \
-         until tailscale --socket=/tmp/ts.sock up --login-server={} --authkey={key} --hostname={name}; \
+         until tailscale --socket=/tmp/ts.sock up --login-server={} --authkey={key} {up_flags} --hostname={name}; \
          do sleep 1; done; echo member-up; wait",
         c.headscale_in_cluster
     );

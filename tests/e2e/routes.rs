@@ -1,0 +1,212 @@
+//! Subnet routes both ways, on the local real node, with Headscale approving the routes
+//! (`POST /api/v1/node/{id}/approve_routes`). Local only: the test plumbs network namespaces of
+//! its own into the pods' namespaces.
+//!
+//! ```text
+//!  netns tnsa-*               router pod (TUN sidecar)                member pod (userspace)             netns tnsb-*
+//!  10.77.0.2 httpd :8080 ==veth== 10.77.0.1   tailscale0 ~~ tailnet ~~ netstack   10.78.0.1 ==veth== 10.78.0.2 httpd :8080
+//!                                 eth0 198.18.0.x (bridge)              eth0 198.18.0.y (bridge)
+//! ```
+//!
+//! A. The router pod advertises 10.77.0.0/24; once approved, the member (`--accept-routes`)
+//!    fetches `http://10.77.0.2:8080/` through it: the pod forwards in the kernel, with forwarding
+//!    on in its own namespace (the `tailscale-forwarding` init container) and tailscaled's SNAT.
+//! B. The member advertises 10.78.0.0/24; once approved, the router pod's app container
+//!    (`routes.accept`) fetches `http://10.78.0.2:8080/` over `tailscale0`.
+//!
+//! The host's namespace keeps ip_forward 0 and no NAT: the only forwarding is inside the pods.
+
+use std::process::Command;
+
+use kube::ResourceExt;
+use serde_json::json;
+
+use crate::cluster::{Cluster, Ns, data};
+use crate::support;
+use crate::workloads::{deployment, member_get, member_with, node};
+
+/// A network namespace with a host (`addr`/24, busybox httpd on :8080 saying `body`), wired by a
+/// veth pair to the network namespace of process `pid` (which gets `gateway`/24). Removed on drop.
+struct SubnetHost {
+    netns: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl SubnetHost {
+    fn wire(tag: &str, pid: u32, gateway: &str, addr: &str, body: &str) -> SubnetHost {
+        let netns = format!("tns{tag}-{}", std::process::id());
+        let (inner, outer) = (format!("tnv{tag}i{}", pid % 10000), format!("tnv{tag}o{}", pid % 10000));
+        ip(&["netns", "add", &netns]);
+        let host = SubnetHost { netns: netns.clone() };
+        ip(&["link", "add", &inner, "type", "veth", "peer", "name", &outer]);
+        ip(&["link", "set", &inner, "netns", &pid.to_string()]);
+        ip(&["link", "set", &outer, "netns", &netns]);
+        let pid_s = pid.to_string();
+        let in_pod = |args: &[&str]| {
+            let mut all = vec!["-t", pid_s.as_str(), "-n", "ip"];
+            all.extend_from_slice(args);
+            let out = Command::new("nsenter").args(&all).output().expect("nsenter");
+            assert!(
+                out.status.success(),
+                "nsenter ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        in_pod(&["addr", "add", &format!("{gateway}/24"), "dev", &inner]);
+        in_pod(&["link", "set", &inner, "up"]);
+        ip(&["-n", &netns, "addr", "add", &format!("{addr}/24"), "dev", &outer]);
+        ip(&["-n", &netns, "link", "set", &outer, "up"]);
+        ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        let root = std::env::temp_dir().join(&netns);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("index.html"), body).unwrap();
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &netns,
+                "busybox",
+                "httpd",
+                "-p",
+                &format!("{addr}:8080"),
+                "-h",
+            ])
+            .arg(&root)
+            .output()
+            .expect("busybox httpd");
+        assert!(out.status.success(), "httpd: {}", String::from_utf8_lossy(&out.stderr));
+        host
+    }
+}
+
+impl Drop for SubnetHost {
+    fn drop(&mut self) {
+        // The httpd first (it lives in the namespace), then the namespace and its veth ends.
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.netns]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").arg(pid).status();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&self.netns));
+    }
+}
+
+/// The pid of a process whose `/proc/PID/<file>` has a NUL-separated part that `pred` accepts.
+fn pid_where(file: &str, pred: impl Fn(&str) -> bool) -> Option<u32> {
+    let mut found = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(bytes) = std::fs::read(format!("/proc/{pid}/{file}")) else {
+            continue;
+        };
+        if bytes
+            .split(|b| *b == 0)
+            .any(|part| pred(&String::from_utf8_lossy(part)))
+        {
+            found = Some(found.map_or(pid, |p: u32| p.min(pid)));
+        }
+    }
+    found
+}
+
+/// Approves `routes` of Headscale node `id`.
+async fn approve(c: &Cluster, id: &str, routes: &[&str]) {
+    let resp = c
+        .headscale()
+        .request(reqwest::Method::POST, &format!("/api/v1/node/{id}/approve_routes"))
+        .json(&json!({"routes": routes}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "approve_routes {id}: {}", resp.status());
+}
+
+pub async fn subnet_routes_both_ways(c: Cluster) {
+    let ns = Ns::new(
+        &c,
+        "routes",
+        json!({"pod-security.kubernetes.io/enforce": "privileged"}),
+    )
+    .await;
+    node(
+        &ns,
+        "router",
+        json!({"mode": "tun", "tags": ["tag:k8s"],
+               "routes": {"advertise": ["10.77.0.0/24"], "accept": true}}),
+    )
+    .await;
+    deployment(&c, &ns, "router", "router", "default", "router").await;
+    let pod = ns.ready_pod("router").await;
+    let name = pod.name_any();
+    let init: Vec<String> = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(
+        init.first().map(String::as_str),
+        Some("tailscale-forwarding"),
+        "the forwarding init container comes first: {init:?}"
+    );
+    let (ok, fwd, err) = c.exec(&ns.name, &name, "app", &["cat", "/proc/sys/net/ipv4/ip_forward"]);
+    assert!(
+        ok && fwd.trim() == "1",
+        "forwarding is off in the router pod: {fwd} {err}"
+    );
+    let s = ns
+        .secret_where(&format!("ts-{name}"), |s| data(s, "device_id").is_some())
+        .await;
+    let router_id = data(&s, "device_id").unwrap();
+
+    let member_name = format!("subnets-{}", support::unique("m"));
+    let member = member_with(&c, &ns, &member_name, "--accept-routes --advertise-routes=10.78.0.0/24").await;
+    let nodes = c.headscale_nodes().await;
+    let member_id = nodes
+        .iter()
+        .find(|n| {
+            [&n["name"], &n["givenName"]]
+                .iter()
+                .any(|v| v.as_str() == Some(member_name.as_str()))
+        })
+        .and_then(|n| n["id"].as_str().map(String::from))
+        .expect("the member in Headscale");
+    approve(&c, &router_id, &["10.77.0.0/24"]).await;
+    approve(&c, &member_id, &["10.78.0.0/24"]).await;
+
+    // The subnets, each behind its router.
+    let router_pid = pid_where("environ", |e| e == format!("TS_KUBE_SECRET=ts-{name}"))
+        .expect("the router pod's containerboot on this node");
+    let member_pid = pid_where("cmdline", |a| a.contains(&format!("--hostname={member_name};")))
+        .expect("the member pod's shell on this node");
+    let _a = SubnetHost::wire("a", router_pid, "10.77.0.1", "10.77.0.2", "behind-the-router");
+    let _b = SubnetHost::wire("b", member_pid, "10.78.0.1", "10.78.0.2", "behind-the-member");
+
+    // A: a member reaches the pod's subnet through the pod.
+    member_get(&c, &ns, &member, "10.77.0.2", 8080, "behind-the-router").await;
+    // B: the pod reaches the member's subnet, from its app container, over tailscale0.
+    c.exec_until(
+        &ns.name,
+        &name,
+        "app",
+        // (Not `wget -T`: this busybox's wget crashes with it.)
+        &["timeout", "8", "wget", "-q", "-O-", "http://10.78.0.2:8080/"],
+        "behind-the-member",
+    )
+    .await;
+    ns.delete().await;
+}
