@@ -238,6 +238,24 @@ pub struct DefaultsArgs {
     /// cluster's default really is.
     #[arg(long, env = "TAILNODE_DEFAULT_POD_SECURITY", default_value = "baseline")]
     pub default_pod_security: PodSecurityLevel,
+    /// The cluster's pod and service CIDRs, comma-separated (e.g. `10.244.0.0/16,10.96.0.0/12`):
+    /// a TUN sidecar that uses an exit node routes them, and the apiserver, around it.
+    #[arg(long, env = "TAILNODE_CLUSTER_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
+    pub cluster_cidrs: Vec<String>,
+}
+
+/// Checks a CIDR (`10.96.0.0/12`, `fd00::/108`).
+fn parse_cidr(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let (addr, len) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a CIDR such as 10.96.0.0/12"))?;
+    let addr: std::net::IpAddr = addr.parse().map_err(|_| format!("{text:?}: {addr:?} is not an IP"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    match len.parse::<u8>() {
+        Ok(l) if l <= max => Ok(text.to_string()),
+        _ => Err(format!("{text:?}: the prefix length must be 0-{max}")),
+    }
 }
 
 impl DefaultsArgs {
@@ -248,6 +266,7 @@ impl DefaultsArgs {
             control_url: self.control_url.clone(),
             no_logs_no_support: !self.allow_logs,
             unlabelled_namespace_level: self.default_pod_security,
+            cluster_cidrs: self.cluster_cidrs.clone(),
         }
     }
 }

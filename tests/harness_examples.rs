@@ -21,9 +21,10 @@ use serde_yaml::Value;
 use support::*;
 
 /// Every example directory; each must have a README.md and at least one manifest.
-const EXAMPLES: [&str; 4] = [
+const EXAMPLES: [&str; 5] = [
     "job-native-sidecar",
     "statefulset-stable-hostnames",
+    "tun-exit-node",
     "tun-subnet-router",
     "web-serve",
 ];
@@ -337,6 +338,21 @@ fn check_example(file: &str, workload: &Value, sidecar: &Value, native: bool) {
             assert!(
                 env["TS_EXTRA_ARGS"].contains("--login-server=https://headscale.example.com"),
                 "{what}: {env:?}"
+            );
+        }
+        "examples/tun-exit-node/egress.yaml" => {
+            assert_eq!(env["TS_USERSPACE"], "false", "{what}");
+            assert!(
+                env["TS_EXTRA_ARGS"].contains("--exit-node=100.64.0.5"),
+                "{what}: {env:?}"
+            );
+            // Cluster traffic stays off the exit node: NET_ADMIN rules, no privilege, first.
+            let first = containers(spec, "initContainers").next().unwrap();
+            assert_eq!(str_at(first, &["name"]), Some("tailscale-local-routes"), "{what}");
+            assert!(first["securityContext"]["privileged"].is_null(), "{what}");
+            assert_eq!(
+                first["securityContext"]["capabilities"]["add"][0], "NET_ADMIN",
+                "{what}"
             );
         }
         other => panic!("{other}: no expectations written for this example; add them here"),

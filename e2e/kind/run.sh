@@ -130,6 +130,7 @@ TAILNODE_E2E_EXTERNAL=1 \
   TAILNODE_HEADSCALE_API_KEY="$api_key" \
   TAILNODE_HEADSCALE_USER_ID="$user_id" \
   TAILNODE_E2E_ISOLATED=0 \
+  TAILNODE_E2E_CLUSTER_CIDRS=10.244.0.0/16,10.96.0.0/12 \
   cargo test --locked --features harness --test e2e
 
 log "all scenarios passed"

@@ -305,9 +305,16 @@ pub struct ExitNode {
     /// Offer this node as an exit node.
     #[serde(default)]
     pub advertise: bool,
-    /// Send internet traffic through this exit node (its tailnet IP or name).
+    /// Send internet traffic through this exit node, named by its tailnet IP (`100.x.y.z` or
+    /// `fd7a:115c:a1e0::...`). Not a name: `tailscale up --exit-node=<name>` fails until the
+    /// netmap is known, so a sidecar's first start would fail. In TUN mode, traffic to the
+    /// cluster's ranges (the operator's `--cluster-cidrs`) and to the apiserver stays off the exit
+    /// node; in userspace mode, what goes through the sidecar's proxies uses the exit node.
     #[serde(default, rename = "use", skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 253))]
+    #[schemars(length(max = 45))]
+    #[x_kube(validation = Rule::new("isIP(self)").message(
+        "exitNode.use must be the exit node's tailnet IP (such as 100.64.0.5): tailscale resolves a name only once it has the netmap, so the sidecar's first start would fail"
+    ))]
     pub use_node: Option<String>,
 }
 

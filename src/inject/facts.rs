@@ -45,6 +45,10 @@ pub struct OperatorDefaults {
     /// level is `privileged`, so an unlabelled namespace gets TUN only when this says so.
     #[serde(skip)]
     pub unlabelled_namespace_level: PodSecurityLevel,
+    /// The cluster's pod and service ranges: a TUN sidecar that uses an exit node keeps them
+    /// (and the apiserver) off it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_cidrs: Vec<String>,
 }
 
 /// Default sidecar image: the tailscale release the project tests against.
@@ -57,6 +61,7 @@ impl Default for OperatorDefaults {
             control_url: None,
             no_logs_no_support: true,
             unlabelled_namespace_level: PodSecurityLevel::Baseline,
+            cluster_cidrs: Vec::new(),
         }
     }
 }

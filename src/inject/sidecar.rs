@@ -76,12 +76,38 @@ pub(super) fn add(spec: &mut PodSpec, plan: &Plan<'_>) -> Result<(), InjectError
     } else {
         spec.containers.push(container);
     }
-    // First of all: forwarding is on before tailscaled starts routing.
+    // First of all: the pod's network namespace is set before tailscaled starts routing.
+    if let Some(ranges) = super::forwarding::local_ranges(plan.spec, plan.mode, &plan.facts.defaults.cluster_cidrs) {
+        let image = spec_image(plan);
+        let local = super::forwarding::local_routes_container(&image, &ranges);
+        if spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .any(|c| c.name == local.name)
+        {
+            return Err(InjectError::NameTaken {
+                what: "container",
+                name: local.name,
+            });
+        }
+        spec.init_containers.get_or_insert_with(Vec::new).insert(0, local);
+    }
     if let Some(f) = forwarding {
         spec.init_containers.get_or_insert_with(Vec::new).insert(0, f);
     }
     spec.volumes.get_or_insert_with(Vec::new).extend(volumes);
     Ok(())
+}
+
+/// The sidecar's image (the init containers that prepare its network namespace use it too).
+fn spec_image(plan: &Plan<'_>) -> String {
+    plan.spec
+        .sidecar
+        .as_ref()
+        .and_then(|s| s.image.clone())
+        .unwrap_or_else(|| plan.facts.defaults.image.clone())
 }
 
 fn health_port(spec: &TailscaleNodeSpec) -> i32 {

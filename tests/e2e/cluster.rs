@@ -44,6 +44,9 @@ pub struct Cluster {
     /// Prefixes every socket peer of an injected pod must fall in (besides loopback), when
     /// `isolated`.
     pub allowed_peers: Vec<String>,
+    /// The cluster's pod and service CIDRs (`TAILNODE_E2E_CLUSTER_CIDRS`), for the chart's
+    /// `clusterCIDRs`.
+    pub cluster_cidrs: Vec<String>,
 }
 
 fn var(vars: &BTreeMap<String, String>, key: &str) -> String {
@@ -80,6 +83,14 @@ impl Cluster {
             allowed_peers: std::env::var("TAILNODE_E2E_ALLOWED_PEERS")
                 .unwrap_or_else(|_| "198.18.0.".into())
                 .split(',')
+                .map(str::to_string)
+                .collect(),
+            cluster_cidrs: std::env::var("TAILNODE_E2E_CLUSTER_CIDRS")
+                .ok()
+                .or_else(|| vars.get("TAILNODE_E2E_CLUSTER_CIDRS").cloned())
+                .unwrap_or_default()
+                .split(',')
+                .filter(|c| !c.is_empty())
                 .map(str::to_string)
                 .collect(),
         }

@@ -79,9 +79,14 @@ const ALONE: &[(&str, Scenario)] = &[
 ];
 
 /// Only on the local harness (they wire network namespaces of their own into pods), with the others.
-const LOCAL: &[(&str, Scenario)] = &[("subnet_routes_both_ways", |c| {
-    Box::pin(routes::subnet_routes_both_ways(c))
-})];
+const LOCAL: &[(&str, Scenario)] = &[
+    ("subnet_routes_both_ways", |c| {
+        Box::pin(routes::subnet_routes_both_ways(c))
+    }),
+    ("exit_node_keeps_the_cluster_reachable", |c| {
+        Box::pin(routes::exit_node_keeps_the_cluster_reachable(c))
+    }),
+];
 
 /// Alone too, and only on the local harness: they restart its processes.
 const LOCAL_ALONE: &[(&str, Scenario)] = &[("apiserver_and_headscale_restarts_need_no_operator_restart", |c| {

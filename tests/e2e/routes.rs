@@ -15,6 +15,21 @@
 //!    (`routes.accept`) fetches `http://10.78.0.2:8080/` over `tailscale0`.
 //!
 //! The host's namespace keeps ip_forward 0 and no NAT: the only forwarding is inside the pods.
+//!
+//! Exit node (`exit_node_keeps_the_cluster_reachable`):
+//!
+//! ```text
+//!  egress pod (TUN, exitNode.use)        member pod (userspace, exit node)   netns tnsr-* (router)       netns tnsh-*
+//!  tailscale0 ~~~~~~~~ tailnet ~~~~~~~~~~ netstack  10.99.0.1 ==veth== 10.99.0.2   203.0.113.1 ==veth== 203.0.113.10 httpd :8080
+//!  eth0 198.18.0.x/25 ---- bridge: other pods (198.18.0.0/25), the apiserver at the
+//!                          `kubernetes` ClusterIP 198.18.0.129 (service range 198.18.0.128/25)
+//! ```
+//!
+//! The "internet" host 203.0.113.10 and the service range are outside the pod's directly connected
+//! prefix (198.18.0.0/25), so `--exit-node-allow-lan-access` alone would not keep the apiserver
+//! reachable: the `tailscale-local-routes` init container's rules do. A userspace pod's proxied
+//! traffic (`outbound.exportEnv`: the app's `http_proxy`) reaches the internet host through the
+//! exit node as well.
 
 use std::process::Command;
 
@@ -23,7 +38,7 @@ use serde_json::json;
 
 use crate::cluster::{Cluster, Ns, data};
 use crate::support;
-use crate::workloads::{deployment, member_get, member_with, node};
+use crate::workloads::{app_container, deployment, member_get, member_with, node};
 
 /// A network namespace with a host (`addr`/24, busybox httpd on :8080 saying `body`), wired by a
 /// veth pair to the network namespace of process `pid` (which gets `gateway`/24). Removed on drop.
@@ -90,6 +105,9 @@ impl SubnetHost {
 
 impl Drop for SubnetHost {
     fn drop(&mut self) {
+        if crate::cluster::keep() {
+            return;
+        }
         // The httpd first (it lives in the namespace), then the namespace and its veth ends.
         if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.netns]).output() {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
@@ -98,6 +116,77 @@ impl Drop for SubnetHost {
         }
         let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
         let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&self.netns));
+    }
+}
+
+/// An "internet" host behind a router, both in network namespaces of their own, wired to the
+/// network namespace of process `pid` (an exit node): the exit node reaches `203.0.113.10` via
+/// `10.99.0.2`, a hop away. (A host on one of its own links would not do: an exit node keeps its
+/// directly connected LANs out of the default route it offers.) Removed on drop.
+struct InternetHost {
+    _host: SubnetHost,
+    _router: SubnetHost,
+}
+
+impl InternetHost {
+    fn wire(pid: u32, body: &str) -> InternetHost {
+        let router = SubnetHost::wire("r", pid, "10.99.0.1", "10.99.0.2", "router");
+        let host_ns = format!("tnsh-{}", std::process::id());
+        ip(&["netns", "add", &host_ns]);
+        let host = SubnetHost { netns: host_ns.clone() };
+        let (r_if, h_if) = (format!("tnvhr{}", pid % 10000), format!("tnvhh{}", pid % 10000));
+        ip(&["link", "add", &r_if, "type", "veth", "peer", "name", &h_if]);
+        ip(&["link", "set", &r_if, "netns", &router.netns]);
+        ip(&["link", "set", &h_if, "netns", &host_ns]);
+        ip(&["-n", &router.netns, "addr", "add", "203.0.113.1/24", "dev", &r_if]);
+        ip(&["-n", &router.netns, "link", "set", &r_if, "up"]);
+        ip(&["-n", &host_ns, "addr", "add", "203.0.113.10/24", "dev", &h_if]);
+        ip(&["-n", &host_ns, "link", "set", &h_if, "up"]);
+        ip(&["-n", &host_ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &host_ns, "route", "add", "default", "via", "203.0.113.1"]);
+        // Forwarding inside the router's own namespace only (the host's stays 0).
+        ip(&["netns", "exec", &router.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let out = Command::new("nsenter")
+            .args([
+                "-t",
+                &pid.to_string(),
+                "-n",
+                "ip",
+                "route",
+                "add",
+                "203.0.113.0/24",
+                "via",
+                "10.99.0.2",
+            ])
+            .output()
+            .expect("nsenter");
+        assert!(
+            out.status.success(),
+            "route to the internet: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let root = std::env::temp_dir().join(&host_ns);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("index.html"), body).unwrap();
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &host_ns,
+                "busybox",
+                "httpd",
+                "-p",
+                "203.0.113.10:8080",
+                "-h",
+            ])
+            .arg(&root)
+            .output()
+            .expect("busybox httpd");
+        assert!(out.status.success(), "httpd: {}", String::from_utf8_lossy(&out.stderr));
+        InternetHost {
+            _host: host,
+            _router: router,
+        }
     }
 }
 
@@ -208,5 +297,131 @@ pub async fn subnet_routes_both_ways(c: Cluster) {
         "behind-the-member",
     )
     .await;
+    ns.delete().await;
+}
+
+/// The harness's `kubernetes` ClusterIP, where the apiserver listens (`e2e/local/up`).
+const APISERVER: &str = "198.18.0.129";
+
+/// Headscale's id and first IPv4 of the node named `name`.
+async fn headscale_node(c: &Cluster, name: &str) -> (String, String) {
+    let nodes = c.headscale_nodes().await;
+    let n = nodes
+        .iter()
+        .find(|n| [&n["name"], &n["givenName"]].iter().any(|v| v.as_str() == Some(name)))
+        .unwrap_or_else(|| panic!("{name} is not in Headscale"));
+    let ip = n["ipAddresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str())
+        .find(|a| a.contains('.'))
+        .expect("an IPv4 tailnet address")
+        .to_string();
+    (n["id"].as_str().unwrap_or_default().to_string(), ip)
+}
+
+pub async fn exit_node_keeps_the_cluster_reachable(c: Cluster) {
+    let ns = Ns::new(&c, "exit", json!({"pod-security.kubernetes.io/enforce": "privileged"})).await;
+    // The exit node, in front of an "internet" host of its own.
+    let exit_name = format!("exit-{}", support::unique("m"));
+    member_with(&c, &ns, &exit_name, "--advertise-exit-node").await;
+    let (exit_id, exit_ip) = headscale_node(&c, &exit_name).await;
+    approve(&c, &exit_id, &["0.0.0.0/0", "::/0"]).await;
+    let exit_pid = pid_where("cmdline", |a| a.contains(&format!("--hostname={exit_name};")))
+        .expect("the exit node's shell on this node");
+    let internet = InternetHost::wire(exit_pid, "from-the-internet");
+    // Another pod, on the cluster network only.
+    ns.create::<k8s_openapi::api::core::v1::Pod>(json!({"metadata": {"name": "plain", "labels": {"app": "plain"}},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [app_container(&c, "plain-pod")]}}))
+        .await;
+    let plain = ns.ready_pod("plain").await;
+    let plain_ip = plain.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("a pod IP");
+
+    node(
+        &ns,
+        "egress",
+        json!({"mode": "tun", "tags": ["tag:k8s"], "exitNode": {"use": exit_ip}}),
+    )
+    .await;
+    deployment(&c, &ns, "egress", "egress", "default", "egress").await;
+    let pod = ns.ready_pod("egress").await;
+    let name = pod.name_any();
+    let init: Vec<String> = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert!(
+        init.iter().any(|n| n == "tailscale-local-routes"),
+        "no local-routes init container: {init:?}"
+    );
+    let route = |dst: &str| {
+        let (ok, out, err) = c.exec(&ns.name, &name, "tailscale", &["ip", "route", "get", dst]);
+        assert!(ok, "ip route get {dst}: {err}");
+        out
+    };
+    // The internet goes through the exit node...
+    c.exec_until(
+        &ns.name,
+        &name,
+        "app",
+        &["timeout", "8", "wget", "-q", "-O-", "http://203.0.113.10:8080/"],
+        "from-the-internet",
+    )
+    .await;
+    let out = route("203.0.113.10");
+    assert!(
+        out.contains("dev tailscale0"),
+        "the internet host is not routed via the exit node: {out}"
+    );
+    // ...while the apiserver and the other pod stay on the cluster network.
+    for dst in [APISERVER, plain_ip.as_str()] {
+        let out = route(dst);
+        assert!(!out.contains("tailscale0"), "{dst} goes to the exit node: {out}");
+    }
+    c.exec_until(
+        &ns.name,
+        &name,
+        "app",
+        &["timeout", "8", "wget", "-q", "-O-", &format!("http://{plain_ip}:8080/")],
+        "plain-pod",
+    )
+    .await;
+    // An HTTP request to the apiserver's HTTPS port: its "400 Bad Request" shows it was reached.
+    c.exec_until(
+        &ns.name,
+        &name,
+        "app",
+        &[
+            "sh",
+            "-c",
+            &format!("timeout 8 wget -q -O- http://{APISERVER}:443/ 2>&1; true"),
+        ],
+        "400",
+    )
+    .await;
+    // Userspace: what the app sends through the sidecar's HTTP proxy uses the exit node too.
+    node(
+        &ns,
+        "proxied",
+        json!({"mode": "userspace", "tags": ["tag:k8s"], "exitNode": {"use": exit_ip},
+               "outbound": {"httpProxyPort": 1080, "exportEnv": true}}),
+    )
+    .await;
+    deployment(&c, &ns, "proxied", "proxied", "default", "proxied").await;
+    let proxied = ns.ready_pod("proxied").await;
+    c.exec_until(
+        &ns.name,
+        &proxied.name_any(),
+        "app",
+        &["timeout", "8", "wget", "-q", "-O-", "http://203.0.113.10:8080/"],
+        "from-the-internet",
+    )
+    .await;
+    drop(internet);
     ns.delete().await;
 }

@@ -55,6 +55,11 @@ pub async fn upgrade_operator(c: &Cluster, extra: &[&str]) {
         "credentials.existingSecret=tailnode-credentials".into(),
         format!("credentials.headscaleURL={}", c.headscale_in_cluster),
     ];
+    let cidrs = format!("clusterCIDRs={{{}}}", c.cluster_cidrs.join(","));
+    let sets: Vec<String> = sets
+        .into_iter()
+        .chain((!c.cluster_cidrs.is_empty()).then_some(cidrs))
+        .collect();
     let mut args = vec![
         "upgrade".to_string(),
         "--install".into(),
