@@ -409,6 +409,20 @@ mod tests {
     }
 
     #[test]
+    fn cluster_cidrs_are_checked_and_reach_the_engine() {
+        assert!(run_args(&[]).operator_defaults().cluster_cidrs.is_empty());
+        let set = run_args(&["--cluster-cidrs=10.244.0.0/16, 10.96.0.0/12,fd00::/108"]);
+        assert_eq!(
+            set.operator_defaults().cluster_cidrs,
+            ["10.244.0.0/16", "10.96.0.0/12", "fd00::/108"]
+        );
+        for bad in ["10.0.0.0", "10.0.0.0/33", "fd00::/129", "example.com/8", "10.0.0.0/x"] {
+            let flag = format!("--cluster-cidrs={bad}");
+            assert!(Args::try_parse_from(["tailnode", "run", &flag]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn server_limit_flags_default_to_the_server_defaults() {
         assert_eq!(run_args(&[]).limits.to_limits(), ServerLimits::default());
         let set = run_args(&[
