@@ -542,7 +542,9 @@ async fn webhook_edges_dry_run_malformed_and_selectors() {
     let stored = op_pods.create(&PostParams::default(), &own).await.unwrap();
     assert!(!has_sidecar(&stored));
     let after = metrics(e.op).await;
-    for result in ["injected", "skipped", "denied", "error"] {
+    // Not "injected": the other tests of this binary share the operator and inject pods of their
+    // own meanwhile; that this pod got no sidecar is checked above.
+    for result in ["skipped", "denied", "error"] {
         let extra = if result == "error" { 2 } else { 0 };
         assert!(
             count(&after, result) <= count(&before, result) + extra,
