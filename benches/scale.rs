@@ -245,15 +245,7 @@ async fn main() {
             CONVERGE.as_secs()
         )
     });
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let metrics = http
-        .get(format!("{}/metrics", op.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::operator::metrics(&op).await;
 
     // Steady: the mean over 5 s, after 10 s of quiet.
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -323,12 +315,7 @@ async fn main() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    let _ = Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(client.clone())
-        .delete(&op.webhook_config, &DeleteParams::default())
-        .await;
-    let _ = Api::<Namespace>::all(client.clone())
-        .delete(&op.namespace, &DeleteParams::default())
-        .await;
+    support::operator::remove(&client, &op).await;
     println!(
         "scale pods={pods} nodes={nodes} converged_s={:.1} rss_peak_mb={peak:.0} rss_steady_mb={steady:.0} requests_per_pod={:.1}",
         converged.as_secs_f64(),

@@ -166,6 +166,36 @@ fn config_has_key(s: &Secret) -> bool {
     })
 }
 
+/// One operator's result for `n` replicas: `keyed` is seconds from 300 ms before the create call
+/// (the watch's head start) to every replica keyed; requests since `since` (after a 2 s settle)
+/// and the shim's counts for `client` beyond `before`.
+#[allow(clippy::too_many_arguments)]
+async fn measured(
+    h: &Harness,
+    shim: &Shim,
+    who: &str,
+    account: &str,
+    client: &str,
+    n: usize,
+    keyed: Option<f64>,
+    since: chrono::DateTime<chrono::Utc>,
+    before: (u64, u64, u64),
+) -> Measured {
+    let keyed_s = keyed.unwrap_or_else(|| panic!("{who}: {n} replicas not keyed within {}s", RUN.as_secs())) - 0.3;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (requests, top) = audited(h, &user(account), since, chrono::Utc::now());
+    let (tokens, mints, calls) = shim.stats(client).await;
+    Measured {
+        replicas: n,
+        keyed_s,
+        requests,
+        top,
+        key_calls: calls - before.2,
+        mints: mints - before.1,
+        tokens: tokens - before.0,
+    }
+}
+
 async fn official(h: &Harness, client: &Client, shim: &Shim, counts: &[usize]) -> (Vec<Measured>, f64) {
     let binary = env_path("TAILNODE_OFFICIAL_OPERATOR");
     apply_crds(h, &env_path("TAILNODE_OFFICIAL_CRDS")).await;
@@ -230,7 +260,7 @@ async fn official(h: &Harness, client: &Client, shim: &Shim, counts: &[usize]) -
     let mut out = Vec::new();
     for &n in counts {
         let name = format!("{id}-pg{n}");
-        let (tokens0, mints0, calls0) = shim.stats("official").await;
+        let before = shim.stats("official").await;
         let since = chrono::Utc::now();
         let pg: DynamicObject = serde_json::from_value(json!({"apiVersion": "tailscale.com/v1alpha1",
             "kind": "ProxyGroup", "metadata": {"name": name},
@@ -246,20 +276,7 @@ async fn official(h: &Harness, client: &Client, shim: &Shim, counts: &[usize]) -
             groups.create(&PostParams::default(), &pg).await.unwrap();
         };
         let (keyed, ()) = tokio::join!(waiting, create);
-        let keyed_s =
-            keyed.unwrap_or_else(|| panic!("official: {n} replicas not keyed within {}s", RUN.as_secs())) - 0.3;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (requests, top) = audited(h, &user("official"), since, chrono::Utc::now());
-        let (tokens1, mints1, calls1) = shim.stats("official").await;
-        out.push(Measured {
-            replicas: n,
-            keyed_s,
-            requests,
-            top,
-            key_calls: calls1 - calls0,
-            mints: mints1 - mints0,
-            tokens: tokens1 - tokens0,
-        });
+        out.push(measured(h, shim, "official", "official", "official", n, keyed, since, before).await);
     }
     let (_, peak) = rss_mb(pid);
     // Clean up while it runs (its finalizers delete the devices), then stop it.
@@ -338,7 +355,7 @@ async fn tailnode(h: &Harness, client: &Client, shim: &Shim, counts: &[usize]) -
         })
         .await;
         assert!(known.is_some(), "the webhook never knew TailscaleNode {node_name}");
-        let (tokens0, mints0, calls0) = shim.stats("tailnode").await;
+        let before = shim.stats("tailnode").await;
         let since = chrono::Utc::now();
         let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": node_name},
             "spec": {"replicas": n, "podManagementPolicy": "Parallel", "serviceName": node_name,
@@ -356,20 +373,7 @@ async fn tailnode(h: &Harness, client: &Client, shim: &Shim, counts: &[usize]) -
             ns.create::<k8s_openapi::api::apps::v1::StatefulSet>(sts.clone()).await;
         };
         let (keyed, ()) = tokio::join!(waiting, create);
-        let keyed_s =
-            keyed.unwrap_or_else(|| panic!("tailnode: {n} replicas not keyed within {}s", RUN.as_secs())) - 0.3;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (requests, top) = audited(h, &user("operator"), since, chrono::Utc::now());
-        let (tokens1, mints1, calls1) = shim.stats("tailnode").await;
-        out.push(Measured {
-            replicas: n,
-            keyed_s,
-            requests,
-            top,
-            key_calls: calls1 - calls0,
-            mints: mints1 - mints0,
-            tokens: tokens1 - tokens0,
-        });
+        out.push(measured(h, shim, "tailnode", "operator", "tailnode", n, keyed, since, before).await);
     }
     let (_, peak) = rss_mb(pid);
     // Clean up while it runs (its finalizers delete the devices), then stop it.
@@ -382,12 +386,7 @@ async fn tailnode(h: &Harness, client: &Client, shim: &Shim, counts: &[usize]) -
     .await;
     let _ = child.kill();
     let _ = child.wait();
-    let _ = Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(client.clone())
-        .delete(&op.webhook_config, &DeleteParams::default())
-        .await;
-    let _ = Api::<Namespace>::all(client.clone())
-        .delete(&op.namespace, &DeleteParams::default())
-        .await;
+    support::operator::remove(client, &op).await;
     (out, peak)
 }
 

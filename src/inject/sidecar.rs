@@ -60,8 +60,8 @@ pub(super) fn add(spec: &mut PodSpec, plan: &Plan<'_>) -> Result<(), InjectError
         env::export_proxy_env(spec, outbound, plan.native);
     }
     let container = container(plan);
-    let forwarding = super::forwarding::needed(plan.spec, plan.mode)
-        .then(|| super::forwarding::container(container.image.as_deref().unwrap_or_default()));
+    let image = spec_image(plan);
+    let forwarding = super::forwarding::needed(plan.spec, plan.mode).then(|| super::forwarding::container(&image));
     if let Some(f) = &forwarding {
         let taken = spec.init_containers.iter().flatten().chain(&spec.containers);
         if taken.into_iter().any(|c| c.name == f.name) {
@@ -78,7 +78,6 @@ pub(super) fn add(spec: &mut PodSpec, plan: &Plan<'_>) -> Result<(), InjectError
     }
     // First of all: the pod's network namespace is set before tailscaled starts routing.
     if let Some(ranges) = super::forwarding::local_ranges(plan.spec, plan.mode, &plan.facts.defaults.cluster_cidrs) {
-        let image = spec_image(plan);
         let local = super::forwarding::local_routes_container(&image, &ranges);
         if spec
             .init_containers
@@ -133,7 +132,7 @@ fn container(plan: &Plan<'_>) -> Container {
     }
     Container {
         name: SIDECAR_NAME.to_string(),
-        image: Some(sidecar.image.unwrap_or_else(|| plan.facts.defaults.image.clone())),
+        image: Some(spec_image(plan)),
         image_pull_policy: sidecar.image_pull_policy.map(|p| p.as_str().to_string()),
         env: Some(env_vars(plan, port, sidecar.env)),
         resources: Some(sidecar.resources.unwrap_or_else(default_resources)),

@@ -56,6 +56,43 @@ fn ip(args: &[&str]) {
     );
 }
 
+/// `ip ARGS` in the network namespace of process `pid`.
+fn ip_in(pid: u32, args: &[&str]) {
+    let pid = pid.to_string();
+    let mut all = vec!["-t", pid.as_str(), "-n", "ip"];
+    all.extend_from_slice(args);
+    let out = Command::new("nsenter").args(&all).output().expect("nsenter");
+    assert!(
+        out.status.success(),
+        "nsenter ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// busybox httpd on `addr:8080` in network namespace `netns`, answering `body` (it daemonizes;
+/// the namespace's drop stops it).
+fn serve(netns: &str, addr: &str, body: &str) {
+    let root = std::env::temp_dir().join(netns);
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("index.html"), body).unwrap();
+    let listen = format!("{addr}:8080");
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "busybox", "httpd", "-p", &listen, "-h"])
+        .arg(&root)
+        .output()
+        .expect("busybox httpd");
+    assert!(out.status.success(), "httpd: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The names of a pod's init containers, in order.
+fn init_names(pod: &k8s_openapi::api::core::v1::Pod) -> Vec<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.init_containers.iter().flatten())
+        .map(|c| c.name.clone())
+        .collect()
+}
+
 impl SubnetHost {
     fn wire(tag: &str, pid: u32, gateway: &str, addr: &str, body: &str) -> SubnetHost {
         let netns = format!("tns{tag}-{}", std::process::id());
@@ -65,40 +102,12 @@ impl SubnetHost {
         ip(&["link", "add", &inner, "type", "veth", "peer", "name", &outer]);
         ip(&["link", "set", &inner, "netns", &pid.to_string()]);
         ip(&["link", "set", &outer, "netns", &netns]);
-        let pid_s = pid.to_string();
-        let in_pod = |args: &[&str]| {
-            let mut all = vec!["-t", pid_s.as_str(), "-n", "ip"];
-            all.extend_from_slice(args);
-            let out = Command::new("nsenter").args(&all).output().expect("nsenter");
-            assert!(
-                out.status.success(),
-                "nsenter ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        in_pod(&["addr", "add", &format!("{gateway}/24"), "dev", &inner]);
-        in_pod(&["link", "set", &inner, "up"]);
+        ip_in(pid, &["addr", "add", &format!("{gateway}/24"), "dev", &inner]);
+        ip_in(pid, &["link", "set", &inner, "up"]);
         ip(&["-n", &netns, "addr", "add", &format!("{addr}/24"), "dev", &outer]);
         ip(&["-n", &netns, "link", "set", &outer, "up"]);
         ip(&["-n", &netns, "link", "set", "lo", "up"]);
-        let root = std::env::temp_dir().join(&netns);
-        std::fs::create_dir_all(&root).unwrap();
-        std::fs::write(root.join("index.html"), body).unwrap();
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &netns,
-                "busybox",
-                "httpd",
-                "-p",
-                &format!("{addr}:8080"),
-                "-h",
-            ])
-            .arg(&root)
-            .output()
-            .expect("busybox httpd");
-        assert!(out.status.success(), "httpd: {}", String::from_utf8_lossy(&out.stderr));
+        serve(&netns, addr, body);
         host
     }
 }
@@ -146,43 +155,8 @@ impl InternetHost {
         ip(&["-n", &host_ns, "route", "add", "default", "via", "203.0.113.1"]);
         // Forwarding inside the router's own namespace only (the host's stays 0).
         ip(&["netns", "exec", &router.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        let out = Command::new("nsenter")
-            .args([
-                "-t",
-                &pid.to_string(),
-                "-n",
-                "ip",
-                "route",
-                "add",
-                "203.0.113.0/24",
-                "via",
-                "10.99.0.2",
-            ])
-            .output()
-            .expect("nsenter");
-        assert!(
-            out.status.success(),
-            "route to the internet: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let root = std::env::temp_dir().join(&host_ns);
-        std::fs::create_dir_all(&root).unwrap();
-        std::fs::write(root.join("index.html"), body).unwrap();
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &host_ns,
-                "busybox",
-                "httpd",
-                "-p",
-                "203.0.113.10:8080",
-                "-h",
-            ])
-            .arg(&root)
-            .output()
-            .expect("busybox httpd");
-        assert!(out.status.success(), "httpd: {}", String::from_utf8_lossy(&out.stderr));
+        ip_in(pid, &["route", "add", "203.0.113.0/24", "via", "10.99.0.2"]);
+        serve(&host_ns, "203.0.113.10", body);
         InternetHost {
             _host: host,
             _router: router,
@@ -239,14 +213,7 @@ pub async fn subnet_routes_both_ways(c: Cluster) {
     deployment(&c, &ns, "router", "router", "default", "router").await;
     let pod = ns.ready_pod("router").await;
     let name = pod.name_any();
-    let init: Vec<String> = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.init_containers.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| c.name)
-        .collect();
+    let init = init_names(&pod);
     assert_eq!(
         init.first().map(String::as_str),
         Some("tailscale-forwarding"),
@@ -347,14 +314,7 @@ pub async fn exit_node_keeps_the_cluster_reachable(c: Cluster) {
     deployment(&c, &ns, "egress", "egress", "default", "egress").await;
     let pod = ns.ready_pod("egress").await;
     let name = pod.name_any();
-    let init: Vec<String> = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.init_containers.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| c.name)
-        .collect();
+    let init = init_names(&pod);
     assert!(
         init.iter().any(|n| n == "tailscale-local-routes"),
         "no local-routes init container: {init:?}"

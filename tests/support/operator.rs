@@ -220,3 +220,15 @@ pub async fn metrics(op: &Operator) -> String {
         .await
         .unwrap()
 }
+
+/// Removes what [`prepare`] made: the webhook configuration (first, so no pod waits on a gone
+/// webhook) and the operator's namespace. For an operator that has stopped.
+pub async fn remove(client: &kube::Client, op: &Operator) {
+    use kube::api::DeleteParams;
+    let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .delete(&op.webhook_config, &DeleteParams::default())
+        .await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&op.namespace, &DeleteParams::default())
+        .await;
+}
