@@ -223,7 +223,13 @@ async fn official(h: &Harness, client: &Client, shim: &Shim, counts: &[usize]) -
         .env("CLIENT_ID_FILE", home.join("client_id"))
         .env("CLIENT_SECRET_FILE", home.join("client_secret"))
         .env("PROXY_TAGS", "tag:k8s")
+        // The test sidecar image's offline settings (e2e/local/images): no log upload, no port
+        // mapping probes towards the host's gateway, DERP over the harness's plain HTTP, and a
+        // panic rather than a dial should anything still aim at Tailscale's control plane.
         .env("TS_NO_LOGS_NO_SUPPORT", "true")
+        .env("TS_DISABLE_PORTMAPPER", "1")
+        .env("TS_DEBUG_USE_DERP_HTTP", "1")
+        .env("TS_PANIC_IF_HIT_MAIN_CONTROL", "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
