@@ -245,6 +245,7 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
         let ready = readiness.register("controller");
         let config = crate::controller::Config {
             key_ttl: Duration::from_secs(a.key_ttl_seconds),
+            slot_grace: a.slot_grace,
             default_credentials: default_credentials(&a),
         };
         let (client, metrics, stop) = (client.clone(), metrics.clone(), shutdown.clone());

@@ -101,6 +101,10 @@ pub struct RunArgs {
     /// Lifetime of a minted, unused auth key, in seconds.
     #[arg(long, env = "TAILNODE_KEY_TTL_SECONDS", default_value_t = 600)]
     pub key_ttl_seconds: u64,
+    /// How long a slot (`replicaIdentity: slots`) without a pod keeps its state and device before
+    /// both are deleted; a pod that comes back within it rejoins as the same device.
+    #[arg(long, env = "TAILNODE_SLOT_GRACE", default_value = "10m", value_parser = parse_duration)]
+    pub slot_grace: Duration,
     /// Kind of the operator-wide default credentials.
     #[arg(long, env = "TAILNODE_DEFAULT_CREDENTIALS", value_enum)]
     pub default_credentials: Option<CredentialKind>,

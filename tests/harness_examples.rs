@@ -21,7 +21,8 @@ use serde_yaml::Value;
 use support::*;
 
 /// Every example directory; each must have a README.md and at least one manifest.
-const EXAMPLES: [&str; 5] = [
+const EXAMPLES: [&str; 6] = [
+    "deployment-stable-slots",
     "job-native-sidecar",
     "statefulset-stable-hostnames",
     "tun-exit-node",

@@ -34,6 +34,28 @@ pub const CREDENTIALS_GATE: &str = "tailnode.dev/credentials";
 /// The label a StatefulSet controller puts on each pod with its ordinal.
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 
+/// Pod annotation the webhook sets on pods that take a slot (`replicaIdentity: slots`): `slots`.
+/// A value the user sets at CREATE is stripped; a ValidatingAdmissionPolicy refuses changes.
+pub const IDENTITY_ANNOTATION: &str = "tailnode.dev/identity";
+/// The value of [`IDENTITY_ANNOTATION`] on slot pods.
+pub const SLOTS_IDENTITY: &str = "slots";
+/// Pod annotation the controller sets once on a slot pod: its slot number. The sidecar reads it
+/// through the downward API (`TS_SLOT`) when it starts, which the credentials gate holds back
+/// until the slot is claimed. Set once, never changed (a ValidatingAdmissionPolicy holds that).
+/// Also on slot state Secrets: the slot they hold.
+pub const SLOT_ANNOTATION: &str = "tailnode.dev/slot";
+
+/// Name of the state Secret of slot `slot` of node `node`. The injected sidecar derives the
+/// same name from `$(TS_SLOT)`.
+pub fn slot_secret_name(node: &str, slot: u32) -> String {
+    format!("{}{slot}", slot_secret_prefix(node))
+}
+
+/// What the state Secrets of node `node`'s slots are named before the slot number.
+pub fn slot_secret_prefix(node: &str) -> String {
+    format!("ts-{node}-slot-")
+}
+
 /// Name of the per-replica state Secret for the pod called `pod_name`. The injected sidecar
 /// derives the same name from `$(POD_NAME)`; the controller uses this to pre-create it.
 pub fn state_secret_name(pod_name: &str) -> String {

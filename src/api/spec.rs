@@ -64,6 +64,18 @@ pub struct TailscaleNodeSpec {
     #[serde(default)]
     pub ephemeral: bool,
 
+    /// How replicas that are not StatefulSet pods keep their tailnet identity. `pod` (default):
+    /// each pod is its own device, and a replacement pod joins as a new one. `slots`: the pods
+    /// take numbered slots, the lowest free one first; slot `n` is the device `<hostname>-<n>`
+    /// with its own state Secret `ts-<node>-slot-<n>`, so a Deployment's replacement pod rejoins
+    /// as the same device (same name, same tailnet IPs, no new key). A replacement waits behind
+    /// its scheduling gate until the pod that held the slot is gone. A slot without a pod for the
+    /// operator's `--slot-grace` is retired and its device deleted. StatefulSet pods keep their
+    /// ordinal identity either way; pods created with `spec.nodeName` (which cannot be gated)
+    /// keep per-pod identity.
+    #[serde(default, skip_serializing_if = "ReplicaIdentity::is_pod")]
+    pub replica_identity: ReplicaIdentity,
+
     /// Where auth keys come from. Exactly one of `oauth`, `headscale` or `authKey`. When omitted,
     /// the operator's cluster-wide default credentials are used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,6 +126,24 @@ pub enum Mode {
     Tun,
     /// `tun` where the namespace's PodSecurity level allows it, else `userspace`.
     Auto,
+}
+
+/// Where a replica's tailnet identity lives (see `replicaIdentity`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaIdentity {
+    /// One device per pod.
+    #[default]
+    Pod,
+    /// Numbered slots that replacement pods take over.
+    Slots,
+}
+
+impl ReplicaIdentity {
+    /// True for the default, which the spec leaves out (existing spec hashes stay the same).
+    pub fn is_pod(&self) -> bool {
+        *self == ReplicaIdentity::Pod
+    }
 }
 
 /// Credential source. Set exactly one field.

@@ -56,6 +56,9 @@ pub struct ReplicaStatus {
     /// `tailnode.dev/reset` annotation, or `node/<value>` for the TailscaleNode's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reset: Option<String>,
+    /// The slot the pod holds (`replicaIdentity: slots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
 }
 
 /// Lifecycle state of a replica.

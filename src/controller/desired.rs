@@ -10,9 +10,11 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 
+use super::slots::SlotOf;
 use crate::api::{
-    CREDENTIALS_GATE, INJECTED_ANNOTATION, NODE_LABEL, POD_INDEX_LABEL, ReplicaState, ReplicaStatus, SPEC_ANNOTATION,
-    TAILNET_IPS_ANNOTATION, TAILNET_NAME_ANNOTATION, TailscaleNode, serve_config_map_name, state_secret_name,
+    CREDENTIALS_GATE, INJECTED_ANNOTATION, NODE_LABEL, POD_INDEX_LABEL, ReplicaState, ReplicaStatus, SLOT_ANNOTATION,
+    SPEC_ANNOTATION, TAILNET_IPS_ANNOTATION, TAILNET_NAME_ANNOTATION, TailscaleNode, serve_config_map_name,
+    slot_secret_name, state_secret_name,
 };
 use crate::inject::render_serve_config;
 
@@ -22,6 +24,8 @@ pub const DEVICE_FINALIZER: &str = "tailnode.dev/device-cleanup";
 pub const NODE_FINALIZER: &str = "tailnode.dev/cleanup";
 /// Secret annotation: the pod the Secret belongs to.
 pub const POD_ANNOTATION: &str = "tailnode.dev/pod";
+/// Secret annotation: the uid of the pod named by [`POD_ANNOTATION`] (slot Secrets).
+pub const POD_UID_ANNOTATION: &str = "tailnode.dev/pod-uid";
 /// Secret annotation: the StatefulSet and ordinal, for Secrets that outlive their pod.
 pub const STATEFULSET_ANNOTATION: &str = "tailnode.dev/statefulset";
 /// Secret annotation: the ordinal within the StatefulSet.
@@ -46,6 +50,8 @@ pub struct Replica {
     pub service_account: String,
     /// StatefulSet name and ordinal, when the pod belongs to one.
     pub statefulset: Option<(String, u32)>,
+    /// The slot the pod holds (`replicaIdentity: slots`).
+    pub slot: Option<u32>,
     /// Index of the credentials scheduling gate in the pod's gates, while it is closed.
     pub gate: Option<usize>,
     /// Hash of the TailscaleNode spec the pod was injected from (`tailnode.dev/spec`).
@@ -101,8 +107,15 @@ pub fn replicas<'a>(node: &TailscaleNode, pods: impl IntoIterator<Item = &'a Pod
             if statefulset.is_none() && finished(p) {
                 return None;
             }
+            // A slot pod is a replica once it holds its slot; until then it waits behind its gate.
+            let slot = match super::slots::slot_of(p) {
+                SlotOf::Held(n) => Some(n),
+                SlotOf::Waiting => return None,
+                SlotOf::NotSlotted => None,
+            };
             Some(Replica {
-                secret: state_secret_name(&pod),
+                secret: slot.map_or_else(|| state_secret_name(&pod), |n| slot_secret_name(name, n)),
+                slot,
                 pod_uid: p.metadata.uid.clone().unwrap_or_default(),
                 service_account: p
                     .spec
@@ -185,13 +198,19 @@ pub fn state_secret(node: &TailscaleNode, r: &Replica) -> Secret {
     {
         annotations.insert(super::reset::NODE_RESET_DONE_ANNOTATION.to_string(), v.clone());
     }
-    let owner = match &r.statefulset {
-        Some((sts, ord)) => {
+    let owner = match (&r.statefulset, r.slot) {
+        (Some((sts, ord)), _) => {
             annotations.insert(STATEFULSET_ANNOTATION.to_string(), sts.clone());
             annotations.insert(ORDINAL_ANNOTATION.to_string(), ord.to_string());
             owner(node)
         }
-        None => Some(OwnerReference {
+        // A slot outlives its pods: the node owns it.
+        (None, Some(n)) => {
+            annotations.insert(SLOT_ANNOTATION.to_string(), n.to_string());
+            annotations.insert(POD_UID_ANNOTATION.to_string(), r.pod_uid.clone());
+            owner(node)
+        }
+        (None, None) => Some(OwnerReference {
             api_version: "v1".into(),
             kind: "Pod".into(),
             name: r.pod.clone(),
@@ -335,11 +354,13 @@ pub enum SecretAction {
 }
 
 /// The work for this reconcile. `statefulset_replicas` maps the StatefulSets named by Secrets to
-/// their `spec.replicas` (absent: the StatefulSet is gone). `deleting`: the node is being deleted.
+/// their `spec.replicas` (absent: the StatefulSet is gone). `kept_slots`: the slot Secrets to keep
+/// though no replica uses them (`slots::plan`). `deleting`: the node is being deleted.
 pub fn plan(
     replicas: &[Replica],
     secrets: &[Secret],
     statefulset_replicas: &BTreeMap<String, i32>,
+    kept_slots: &BTreeSet<String>,
     key_ttl: chrono::Duration,
     now: DateTime<Utc>,
     deleting: bool,
@@ -376,7 +397,7 @@ pub fn plan(
         };
         let gone = deleting
             || s.metadata.deletion_timestamp.is_some()
-            || (!live.contains(name.as_str()) && retained().is_none());
+            || (!live.contains(name.as_str()) && retained().is_none() && !kept_slots.contains(&name));
         if gone {
             actions.push(SecretAction::Retire {
                 secret: name,
@@ -522,6 +543,7 @@ pub fn replica_statuses(replicas: &[Replica], secrets: &[Secret], failed: &BTree
                 fqdn,
                 state,
                 last_reset: s.and_then(|s| super::reset::last_reset(s)),
+                slot: r.slot,
             }
         })
         .collect()

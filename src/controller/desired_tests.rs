@@ -93,7 +93,7 @@ fn plan_creates_mints_strips_and_retires() {
         secret("ts-d", &[("authkey", "k")], json!({})),
         secret("ts-gone", &[("device_id", "n9")], json!({POD_ANNOTATION: "gone"})),
     ];
-    let (create, actions) = plan(&r, &secrets, &BTreeMap::new(), ttl(), now, false);
+    let (create, actions) = plan(&r, &secrets, &BTreeMap::new(), &BTreeSet::new(), ttl(), now, false);
     assert_eq!(create.iter().map(|r| r.secret.as_str()).collect::<Vec<_>>(), ["ts-a"]);
     assert_eq!(
         actions,
@@ -125,13 +125,17 @@ fn a_recent_mint_is_not_repeated_but_an_expired_one_is() {
         &[],
         json!({MINTED_AT_ANNOTATION: (now - chrono::Duration::minutes(1)).to_rfc3339()}),
     );
-    assert!(plan(&r, &[recent], &BTreeMap::new(), ttl(), now, false).1.is_empty());
+    assert!(
+        plan(&r, &[recent], &BTreeMap::new(), &BTreeSet::new(), ttl(), now, false)
+            .1
+            .is_empty()
+    );
     let old = secret(
         "ts-a",
         &[],
         json!({MINTED_AT_ANNOTATION: (now - chrono::Duration::minutes(11)).to_rfc3339()}),
     );
-    let (_, actions) = plan(&r, &[old], &BTreeMap::new(), ttl(), now, false);
+    let (_, actions) = plan(&r, &[old], &BTreeMap::new(), &BTreeSet::new(), ttl(), now, false);
     assert!(matches!(actions[0], SecretAction::Mint { .. }));
 }
 
@@ -148,8 +152,12 @@ fn an_unused_key_is_replaced_once_expired_and_its_id_kept_for_revocation() {
                    KEY_ID_ANNOTATION: "7", POD_ANNOTATION: "a"}),
         )
     };
-    assert!(plan(&r, &[keyed(9)], &BTreeMap::new(), ttl(), now, false).1.is_empty());
-    let (_, actions) = plan(&r, &[keyed(10)], &BTreeMap::new(), ttl(), now, false);
+    assert!(
+        plan(&r, &[keyed(9)], &BTreeMap::new(), &BTreeSet::new(), ttl(), now, false)
+            .1
+            .is_empty()
+    );
+    let (_, actions) = plan(&r, &[keyed(10)], &BTreeMap::new(), &BTreeSet::new(), ttl(), now, false);
     assert_eq!(
         actions,
         vec![SecretAction::Replace {
@@ -165,11 +173,19 @@ fn an_unused_key_is_replaced_once_expired_and_its_id_kept_for_revocation() {
         .as_mut()
         .unwrap()
         .insert("device_id".into(), ByteString(b"n1".to_vec()));
-    let (_, actions) = plan(&r, &[registered.clone()], &BTreeMap::new(), ttl(), now, false);
+    let (_, actions) = plan(
+        &r,
+        &[registered.clone()],
+        &BTreeMap::new(),
+        &BTreeSet::new(),
+        ttl(),
+        now,
+        false,
+    );
     assert_eq!(actions, vec![SecretAction::StripKey { secret: "ts-a".into() }]);
     assert_eq!(unused_key_id(&registered), None);
     assert_eq!(unused_key_id(&keyed(1)).as_deref(), Some("7"));
-    let (_, actions) = plan(&[], &[keyed(60)], &BTreeMap::new(), ttl(), now, false);
+    let (_, actions) = plan(&[], &[keyed(60)], &BTreeMap::new(), &BTreeSet::new(), ttl(), now, false);
     assert!(matches!(actions[..], [SecretAction::Retire { .. }]));
 }
 
@@ -207,6 +223,7 @@ fn statefulset_secrets_survive_their_pod_until_scaled_down() {
         &[],
         std::slice::from_ref(&s),
         &BTreeMap::from([("db".into(), 2)]),
+        &BTreeSet::new(),
         ttl(),
         now,
         false,
@@ -217,6 +234,7 @@ fn statefulset_secrets_survive_their_pod_until_scaled_down() {
         &[],
         std::slice::from_ref(&s),
         &BTreeMap::from([("db".into(), 1)]),
+        &BTreeSet::new(),
         ttl(),
         now,
         false,
@@ -229,11 +247,27 @@ fn statefulset_secrets_survive_their_pod_until_scaled_down() {
         }]
     );
     // StatefulSet deleted: gone.
-    let (_, actions) = plan(&[], std::slice::from_ref(&s), &BTreeMap::new(), ttl(), now, false);
+    let (_, actions) = plan(
+        &[],
+        std::slice::from_ref(&s),
+        &BTreeMap::new(),
+        &BTreeSet::new(),
+        ttl(),
+        now,
+        false,
+    );
     assert_eq!(actions.len(), 1);
     // Node deleted: everything retires, nothing is created.
     let r = replicas(&n, &[pod("db-1", Some("db"), true), pod("x", None, true)]);
-    let (create, actions) = plan(&r, &[s], &BTreeMap::from([("db".into(), 2)]), ttl(), now, true);
+    let (create, actions) = plan(
+        &r,
+        &[s],
+        &BTreeMap::from([("db".into(), 2)]),
+        &BTreeSet::new(),
+        ttl(),
+        now,
+        true,
+    );
     assert!(create.is_empty());
     assert!(matches!(actions[0], SecretAction::Retire { .. }));
 }
@@ -331,6 +365,7 @@ fn finished_pods_are_no_replicas_unless_a_statefulset_restarts_them() {
         &replicas(&n, &pods),
         &secrets,
         &BTreeMap::new(),
+        &BTreeSet::new(),
         ttl(),
         Utc::now(),
         false,

@@ -176,6 +176,7 @@ mod tests {
             secret: format!("ts-{pod}"),
             service_account: sa.into(),
             statefulset: None,
+            slot: None,
             gate,
             spec_hash: None,
             tailnet: Default::default(),

@@ -14,6 +14,8 @@ pub mod reconcile;
 pub mod reset;
 mod reset_io;
 mod secrets;
+pub mod slots;
+mod slots_io;
 pub mod status;
 
 use std::collections::HashMap;
@@ -117,6 +119,8 @@ impl Error {
 pub struct Config {
     /// How long a minted key stays valid unused (and how long before an unused one is replaced).
     pub key_ttl: Duration,
+    /// How long a slot (`replicaIdentity: slots`) without a pod keeps its device.
+    pub slot_grace: Duration,
     /// Operator-wide default credentials.
     pub default_credentials: Option<DefaultCredentials>,
 }

@@ -53,6 +53,7 @@ struct Observed {
     replicas: Vec<desired::Replica>,
     secrets: Vec<Secret>,
     statefulsets: BTreeMap<String, i32>,
+    slots: super::slots::SlotPlan,
 }
 
 async fn observe(node: &TailscaleNode, ctx: &Context) -> Result<Observed, Error> {
@@ -63,8 +64,10 @@ async fn observe(node: &TailscaleNode, ctx: &Context) -> Result<Observed, Error>
         .iter()
         .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
         .map(|p| p.as_ref());
-    let replicas = desired::replicas(node, in_namespace);
+    let replicas = desired::replicas(node, in_namespace.clone());
     let secrets = list_secrets(ctx, &ns, &name).await?;
+    let grace = chrono::Duration::from_std(ctx.config.slot_grace).unwrap_or_else(|_| chrono::Duration::minutes(10));
+    let slots = super::slots::plan(node, in_namespace, &secrets, grace, Utc::now());
     let mut statefulsets = BTreeMap::new();
     let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
     let named: BTreeSet<String> = secrets
@@ -80,6 +83,7 @@ async fn observe(node: &TailscaleNode, ctx: &Context) -> Result<Observed, Error>
         replicas,
         secrets,
         statefulsets,
+        slots,
     })
 }
 
@@ -101,8 +105,26 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
         return Ok(Action::await_change());
     }
     let obs = observe(&node, &ctx).await?;
+    // Slots change hands first: a pod that took one is a replica from the next look on.
+    if !obs.slots.actions.is_empty() {
+        let done = super::slots_io::apply(&ctx, &node, &ns, obs.slots.actions.clone()).await;
+        if done.changed || !done.problems.is_empty() {
+            for p in &done.problems {
+                publish(&ctx, &node, EventType::Warning, p.reason, "Slot", &p.message).await;
+            }
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
+    }
     let ttl = chrono::Duration::from_std(ctx.config.key_ttl).unwrap_or_else(|_| chrono::Duration::minutes(10));
-    let (to_create, actions) = desired::plan(&obs.replicas, &obs.secrets, &obs.statefulsets, ttl, Utc::now(), false);
+    let (to_create, actions) = desired::plan(
+        &obs.replicas,
+        &obs.secrets,
+        &obs.statefulsets,
+        &obs.slots.kept,
+        ttl,
+        Utc::now(),
+        false,
+    );
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     // With nothing to create, mint, replace, strip or retire, the Secrets read above are still
     // the Secrets as they are (most reconciles: a Secret's own update woke the node up).
@@ -346,7 +368,10 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
     }
     // Look again when the first unused key runs out, so it is replaced on time.
     let idle = Duration::from_secs(300);
-    let next = desired::next_key_expiry(&secrets, ttl)
+    let next = [desired::next_key_expiry(&secrets, ttl), obs.slots.next_expiry]
+        .into_iter()
+        .flatten()
+        .min()
         .and_then(|at| (at - now).to_std().ok())
         .map_or(idle, |d| (d + Duration::from_secs(1)).min(idle));
     Ok(Action::requeue(next))
@@ -395,6 +420,7 @@ async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, 
         &obs.replicas,
         &obs.secrets,
         &obs.statefulsets,
+        &BTreeSet::new(),
         chrono::Duration::zero(),
         Utc::now(),
         true,

@@ -136,7 +136,8 @@ pub fn plan(node_reset: Option<&str>, replicas: &[Replica], secrets: &[Secret]) 
             continue;
         }
         node_started |= pod_want.is_none();
-        let pending_uid = r.statefulset.is_some().then(|| r.pod_uid.clone());
+        // A StatefulSet pod or a slot comes back with the same Secret: wipe it after the old pod.
+        let pending_uid = (r.statefulset.is_some() || r.slot.is_some()).then(|| r.pod_uid.clone());
         out.push(Reset::Evict {
             pod,
             secret,

@@ -11,6 +11,7 @@ fn replica(pod: &str, uid: &str) -> Replica {
         secret: format!("ts-{pod}"),
         service_account: "default".into(),
         statefulset: None,
+        slot: None,
         gate: None,
         spec_hash: None,
         tailnet: BTreeMap::new(),

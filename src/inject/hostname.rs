@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sha2::{Digest, Sha256};
 
 use super::WorkloadKind;
-use super::sidecar::POD_INDEX_ENV;
+use super::sidecar::{POD_INDEX_ENV, SLOT_ENV};
 use crate::api::{HOSTNAME_ANNOTATION, TailscaleNodeSpec};
 
 /// The longest DNS label, and so the longest hostname tailnode hands to tailscale.
@@ -31,6 +31,15 @@ const MAX_GENERATE_BASE: usize = 58;
 const GENERATED_SUFFIX: usize = 5;
 /// Digits of the largest int32 StatefulSet ordinal.
 const MAX_ORDINAL_DIGITS: usize = 10;
+
+/// The `TS_HOSTNAME` of a slot pod: `<prefix>-$(TS_SLOT)`, bounded like a StatefulSet's.
+pub(super) fn slot_hostname(node: &str, spec: &TailscaleNodeSpec) -> String {
+    let prefix = bound_label(
+        spec.hostname.as_deref().unwrap_or(node),
+        MAX_HOSTNAME - 1 - MAX_ORDINAL_DIGITS,
+    );
+    format!("{prefix}-$({SLOT_ENV})")
+}
 
 /// The `TS_HOSTNAME` value: the pod annotation, else `<prefix>-$(TS_POD_INDEX)` for StatefulSet
 /// replicas, else `[<prefix>-]<pod name>` (computed, or `$(POD_NAME)` for the kubelet to expand).

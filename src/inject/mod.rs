@@ -20,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sha2::{Digest, Sha256};
 
 use crate::api::{
-    CREDENTIALS_GATE, INJECTED_ANNOTATION, MODE_ANNOTATION, Mode, NODE_LABEL, NativeSidecar, SIDECAR_NAME,
-    SPEC_ANNOTATION, TailscaleNode, TailscaleNodeSpec,
+    CREDENTIALS_GATE, IDENTITY_ANNOTATION, INJECTED_ANNOTATION, MODE_ANNOTATION, Mode, NODE_LABEL, NativeSidecar,
+    ReplicaIdentity, SIDECAR_NAME, SLOT_ANNOTATION, SLOTS_IDENTITY, SPEC_ANNOTATION, TailscaleNode, TailscaleNodeSpec,
 };
 
 /// Why the engine left a pod as it was.
@@ -96,12 +96,17 @@ pub enum InjectError {
 /// Injects a Pod. The pod must name `node` with its label; see [`inject_template`]. A pod that
 /// is not bound to a node yet also gets the [`CREDENTIALS_GATE`] scheduling gate (a pod created
 /// with `spec.nodeName` cannot carry one: its sidecar may start before its key and retries).
+///
+/// With `replicaIdentity: slots`, a gated pod that is no StatefulSet's takes a slot: its sidecar
+/// reads the slot number from the `tailnode.dev/slot` annotation the controller sets before it
+/// opens the gate (see `controller::slots`).
 pub fn inject_pod(pod: &Pod, node: &TailscaleNode, facts: &ClusterFacts) -> Result<Outcome<Pod>, InjectError> {
     let template = PodTemplateSpec {
         metadata: Some(pod.metadata.clone()),
         spec: pod.spec.clone(),
     };
-    Ok(match inject_template(&template, node, facts)? {
+    let slot = takes_slot(pod, node, facts);
+    Ok(match inject(&template, node, facts, slot)? {
         Outcome::Injected { object, mode } => Outcome::Injected {
             object: Pod {
                 metadata: object.metadata.unwrap_or_default(),
@@ -128,6 +133,30 @@ pub fn inject_template(
     template: &PodTemplateSpec,
     node: &TailscaleNode,
     facts: &ClusterFacts,
+) -> Result<Outcome<PodTemplateSpec>, InjectError> {
+    inject(template, node, facts, false)
+}
+
+/// True when `pod` takes a slot: its node asks for slot identity, the pod will be gated (no
+/// `nodeName`), and no StatefulSet owns it (those keep their ordinals).
+fn takes_slot(pod: &Pod, node: &TailscaleNode, facts: &ClusterFacts) -> bool {
+    let stateful = facts.workload == WorkloadKind::StatefulSet
+        || pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "StatefulSet" && o.controller == Some(true));
+    node.spec.replica_identity == ReplicaIdentity::Slots
+        && pod.spec.as_ref().is_none_or(|s| s.node_name.is_none())
+        && !stateful
+}
+
+fn inject(
+    template: &PodTemplateSpec,
+    node: &TailscaleNode,
+    facts: &ClusterFacts,
+    slot: bool,
 ) -> Result<Outcome<PodTemplateSpec>, InjectError> {
     let meta = template.metadata.clone().unwrap_or_default();
     let node_name = node.metadata.name.clone().unwrap_or_default();
@@ -162,8 +191,13 @@ pub fn inject_template(
         facts,
         mode,
         native,
-        hostname: hostname::hostname_for(&meta, &node_name, &node.spec, facts.workload),
+        hostname: if slot {
+            hostname::slot_hostname(&node_name, &node.spec)
+        } else {
+            hostname::hostname_for(&meta, &node_name, &node.spec, facts.workload)
+        },
         own_token: isolate || spec.automount_service_account_token == Some(false),
+        slot,
     };
     let mut spec = spec;
     if isolate {
@@ -176,6 +210,12 @@ pub fn inject_template(
     sidecar::add(&mut spec, &plan)?;
     let mut meta = meta;
     let annotations = meta.annotations.get_or_insert_with(Default::default);
+    // Slots are tailnode's to hand out: whatever the pod brought is dropped.
+    annotations.remove(SLOT_ANNOTATION);
+    annotations.remove(IDENTITY_ANNOTATION);
+    if slot {
+        annotations.insert(IDENTITY_ANNOTATION.to_string(), SLOTS_IDENTITY.to_string());
+    }
     annotations.insert(
         INJECTED_ANNOTATION.to_string(),
         spec_hash(&node.spec, facts, mode, native),
@@ -329,5 +369,7 @@ pub fn spec_hash(spec: &TailscaleNodeSpec, facts: &ClusterFacts, mode: Effective
 mod fit_tests;
 #[cfg(test)]
 mod gate_tests;
+#[cfg(test)]
+mod slot_tests;
 #[cfg(test)]
 mod tests;

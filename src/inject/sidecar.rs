@@ -13,10 +13,14 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{ClusterFacts, EffectiveMode, InjectError, env};
-use crate::api::{POD_INDEX_LABEL, SIDECAR_NAME, TailscaleNodeSpec, serve_config_map_name};
+use crate::api::{
+    POD_INDEX_LABEL, SIDECAR_NAME, SLOT_ANNOTATION, TailscaleNodeSpec, serve_config_map_name, slot_secret_prefix,
+};
 
 /// Env var that carries a StatefulSet pod's ordinal (from the downward API).
 pub(super) const POD_INDEX_ENV: &str = "TS_POD_INDEX";
+/// The slot number of a slot pod, from its `tailnode.dev/slot` annotation (downward API).
+pub(super) const SLOT_ENV: &str = "TS_SLOT";
 /// Writable scratch directory for tailscaled (socket, temp files).
 pub(super) const VOL_TMP: &str = "tailnode-tmp";
 /// The serve config ConfigMap, mounted as a directory so updates arrive.
@@ -43,6 +47,8 @@ pub(super) struct Plan<'a> {
     pub native: bool,
     pub hostname: String,
     pub own_token: bool,
+    /// The pod takes a slot (`replicaIdentity: slots`): its Secret and hostname follow `TS_SLOT`.
+    pub slot: bool,
 }
 
 /// Adds the sidecar, its volumes, and (when asked) the proxy env of the app containers.
@@ -304,7 +310,16 @@ fn env_vars(plan: &Plan<'_>, health_port: i32, extra: Vec<EnvVar>) -> Vec<EnvVar
             &format!("metadata.labels['{POD_INDEX_LABEL}']"),
         ));
     }
-    env.push(value("TS_KUBE_SECRET", "ts-$(POD_NAME)"));
+    if plan.slot {
+        env.push(field_ref(
+            SLOT_ENV,
+            &format!("metadata.annotations['{SLOT_ANNOTATION}']"),
+        ));
+        let prefix = slot_secret_prefix(plan.node_name);
+        env.push(value("TS_KUBE_SECRET", format!("{prefix}$({SLOT_ENV})")));
+    } else {
+        env.push(value("TS_KUBE_SECRET", "ts-$(POD_NAME)"));
+    }
     // `tailscale up` on every start (see `extra_args`). containerboot then leaves the used key in
     // the Secret; the controller removes it once the device registered.
     env.push(value("TS_AUTH_ONCE", "false"));

@@ -20,6 +20,7 @@ mod outage;
 mod prefs;
 mod reset;
 mod routes;
+mod slots;
 mod tailnet;
 mod upgrade;
 mod workloads;
@@ -60,6 +61,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("reset_on_demand_gives_a_replica_a_new_device", |c| {
         Box::pin(reset::reset_gives_a_new_device(c))
     }),
+    (
+        "slots_keep_a_deployment_s_devices_across_replacements_and_rollouts",
+        |c| Box::pin(slots::slots_keep_a_deployment_s_devices(c)),
+    ),
 ];
 
 /// Scenarios that run one at a time after the others (they disturb the shared operator).

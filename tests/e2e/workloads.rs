@@ -54,6 +54,8 @@ pub async fn upgrade_operator(c: &Cluster, extra: &[&str]) {
         "credentials.kind=headscale".into(),
         "credentials.existingSecret=tailnode-credentials".into(),
         format!("credentials.headscaleURL={}", c.headscale_in_cluster),
+        // A slot without a pod is retired soon (tests/e2e/slots.rs waits for it).
+        "slotGracePeriod=20s".into(),
     ];
     let cidrs = format!("clusterCIDRs={{{}}}", c.cluster_cidrs.join(","));
     let sets: Vec<String> = sets

@@ -274,7 +274,11 @@ fn kustomize_matches_the_chart() {
             .find(|p| p["metadata"]["name"] == name)
             .map(|p| p["spec"].clone())
     };
-    for name in ["tailnode-pod-updates", "tailnode-ephemeral-containers"] {
+    for name in [
+        "tailnode-pod-updates",
+        "tailnode-ephemeral-containers",
+        "tailnode-pod-identity",
+    ] {
         assert!(
             policy(&k, name).is_some(),
             "ValidatingAdmissionPolicy {name} missing in config/"
