@@ -334,6 +334,13 @@ fn check_example(file: &str, workload: &Value, sidecar: &Value, native: bool) {
             let app = containers(spec, "containers").next().unwrap();
             assert_eq!(env_of(app)["ALL_PROXY"], "socks5h://127.0.0.1:1055", "{what}");
         }
+        "examples/deployment-stable-slots/web.yaml" => {
+            // Slots are handed out at admission (the webhook gates the pod, the controller
+            // claims the slot): a template injected ahead of admission keeps per-pod identity.
+            assert_eq!(env["TS_HOSTNAME"], "web-$(POD_NAME)", "{what}");
+            assert_eq!(env["TS_KUBE_SECRET"], "ts-$(POD_NAME)", "{what}");
+            assert!(!env.contains_key("TS_SLOT"), "{what}: {env:?}");
+        }
         "examples/statefulset-stable-hostnames/db.yaml" => {
             assert_eq!(env["TS_HOSTNAME"], "db-$(TS_POD_INDEX)", "{what}");
             assert!(

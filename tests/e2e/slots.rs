@@ -6,7 +6,9 @@
 //! id, name and tailnet IPs, and no new key (the Secret's `minted-at` is unchanged). A rollout
 //! then replaces both pods: Headscale never lists more than 3 of the node's devices (replicas +
 //! surge), and once the slot left without a pod has outlived the grace period (the e2e install
-//! sets `slotGracePeriod=20s`) the pool is back at 2 devices and 2 slot Secrets.
+//! sets `slotGracePeriod=20s`) the pool is back at 2 devices and 2 slot Secrets. A slot annotation
+//! in the pod template is dropped at admission, and a later change to the slot or to the identity
+//! mark is refused by the pod-identity admission policy.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -68,7 +70,9 @@ pub async fn slots_keep_a_deployment_s_devices(c: Cluster) {
     ns.create::<Deployment>(json!({"metadata": {"name": "web"}, "spec": {
         "replicas": 2, "selector": {"matchLabels": {"app": "web"}},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-        "template": {"metadata": {"labels": {"app": "web", "tailnode.dev/node": "web"}},
+        // A slot the pods bring themselves is dropped at admission.
+        "template": {"metadata": {"labels": {"app": "web", "tailnode.dev/node": "web"},
+                                  "annotations": {"tailnode.dev/slot": "7"}},
             "spec": {"terminationGracePeriodSeconds": 2, "containers": [app_container(&c, "slots")]}}}}))
         .await;
 
@@ -138,6 +142,22 @@ pub async fn slots_keep_a_deployment_s_devices(c: Cluster) {
         dev0.0,
         dev0.2
     );
+
+    // The slot is set once: nobody changes it, nor the identity mark.
+    for (key, value) in [
+        ("tailnode.dev/slot", json!("1")),
+        ("tailnode.dev/identity", Value::Null),
+    ] {
+        let patch = json!({"metadata": {"annotations": {key: value}}});
+        let refused = ns
+            .api::<Pod>()
+            .patch(&replacement.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await;
+        match refused {
+            Err(kube::Error::Api(e)) => assert!(e.message.contains("never changes"), "{key}: {}", e.message),
+            other => panic!("changing {key} was not refused: {other:?}"),
+        }
+    }
 
     // A rollout: never more than replicas + surge devices, and back to 2 afterwards.
     let deployments = ns.api::<Deployment>();
