@@ -118,6 +118,29 @@ fn a_statefulset_replica_is_wiped_only_after_its_old_pod_is_gone() {
     assert_eq!(plan(None, &[], std::slice::from_ref(&pending)), vec![wipe]);
 }
 
+/// A slot (`replicaIdentity: slots`) keeps its Secret across pods like a StatefulSet ordinal: the
+/// reset is pending until the old pod is gone, then the slot's new holder gets a wiped state.
+#[test]
+fn a_slot_is_wiped_once_a_new_pod_holds_it() {
+    let slot = |pod: &str, uid: &str| Replica {
+        slot: Some(0),
+        secret: "ts-web-slot-0".into(),
+        ..replica(pod, uid)
+    };
+    let mut s = secret("web-slot-0", &[], Some("d1"));
+    let steps = plan(None, &[asking(slot("web-a", "ua"), "1")], std::slice::from_ref(&s));
+    assert!(matches!(&steps[..], [Reset::Evict { pending_uid: Some(u), .. }] if u == "ua"));
+    s.metadata.annotations = Some(BTreeMap::from([(RESET_PENDING_ANNOTATION.to_string(), "ua".to_string())]));
+    assert_eq!(
+        plan(None, &[slot("web-b", "ub")], std::slice::from_ref(&s)),
+        vec![Reset::Wipe {
+            pod: "web-b".into(),
+            secret: "ts-web-slot-0".into(),
+            device_id: Some("d1".into()),
+        }]
+    );
+}
+
 /// A node-level reset takes one replica at a time, and only while all are registered.
 #[test]
 fn a_node_reset_goes_one_replica_at_a_time() {
