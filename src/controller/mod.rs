@@ -3,6 +3,7 @@
 
 pub mod applied;
 pub mod cache;
+mod cleanup;
 pub mod credentials;
 pub mod desired;
 pub mod election;

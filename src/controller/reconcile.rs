@@ -35,7 +35,7 @@ pub async fn reconcile(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Ac
     let result = finalizer(&api, NODE_FINALIZER, node, |event| async {
         match event {
             Finalizer::Apply(n) => apply(n, ctx.clone()).await,
-            Finalizer::Cleanup(n) => cleanup(n, ctx.clone()).await,
+            Finalizer::Cleanup(n) => super::cleanup::cleanup(n, ctx.clone()).await,
         }
     })
     .await;
@@ -49,14 +49,14 @@ pub async fn reconcile(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Ac
     }
 }
 
-struct Observed {
-    replicas: Vec<desired::Replica>,
-    secrets: Vec<Secret>,
-    statefulsets: BTreeMap<String, i32>,
-    slots: super::slots::SlotPlan,
+pub(super) struct Observed {
+    pub replicas: Vec<desired::Replica>,
+    pub secrets: Vec<Secret>,
+    pub statefulsets: BTreeMap<String, i32>,
+    pub slots: super::slots::SlotPlan,
 }
 
-async fn observe(node: &TailscaleNode, ctx: &Context) -> Result<Observed, Error> {
+pub(super) async fn observe(node: &TailscaleNode, ctx: &Context) -> Result<Observed, Error> {
     let ns = node.namespace().unwrap_or_default();
     let name = node.name_any();
     let pods = ctx.pods.state();
@@ -246,15 +246,24 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
     let (mints, actions): (Vec<_>, Vec<_>) = actions
         .into_iter()
         .partition(|a| matches!(a, SecretAction::Mint { .. }));
+    let ready_once_keyed: Vec<&desired::Replica> = obs
+        .replicas
+        .iter()
+        .filter(|r| r.gate.is_some() && granted.contains(&r.secret))
+        .collect();
+    let mut opened_early = BTreeSet::new();
     if let Some(api) = &api {
         let wanted = mints.into_iter().filter_map(|a| match a {
             SecretAction::Mint { secret, pod } if !foreign.contains(&secret) => Some((secret, pod)),
             _ => None,
         });
-        for (secret, f) in mint_all(&ctx, &node, api.as_ref(), &secrets_api, wanted).await {
+        let minted = mint_all(&ctx, &node, api.as_ref(), &secrets_api, wanted, &ready_once_keyed).await;
+        for (secret, f) in minted.failed {
             failed.insert(secret);
             findings.mint_failed(f.problem, f.retry_after);
         }
+        findings.failures.extend(minted.problems);
+        opened_early = minted.opened;
     }
     for action in actions {
         match action {
@@ -299,7 +308,7 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
                 }
                 let api = api.clone().or_else(|| ctx.credentials.last_known(&node));
                 let abandon = api.is_none() && namespace_terminating(&ctx, &ns).await;
-                let unused = unused_key(&obs.secrets, &secret);
+                let unused = super::cleanup::unused_key(&obs.secrets, &secret);
                 let result = if abandon {
                     abandon_device(&secrets_api, &secret).await
                 } else {
@@ -320,9 +329,10 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
         obs.secrets
     };
     let now = Utc::now();
-    let ready = gate::to_open(&obs.replicas, &secrets, &granted, ttl, now);
+    let mut ready = gate::to_open(&obs.replicas, &secrets, &granted, ttl, now);
+    ready.retain(|r| !opened_early.contains(&r.secret));
     let still_gated = match gate::open(&ctx.client, &ns, &ready).await {
-        Ok(opened) => gated.len().saturating_sub(opened),
+        Ok(opened) => gated.len().saturating_sub(opened + opened_early.len()),
         Err(p) => {
             findings.failures.push(p);
             0
@@ -404,74 +414,6 @@ where
     }
 }
 
-/// The id of the unused key in the observed Secret `name`, if any.
-fn unused_key(secrets: &[Secret], name: &str) -> Option<String> {
-    secrets
-        .iter()
-        .find(|s| s.metadata.name.as_deref() == Some(name))
-        .and_then(desired::unused_key_id)
-}
-
-async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = node.namespace().unwrap_or_default();
-    let key = node.name_any();
-    let obs = observe(&node, &ctx).await?;
-    let (_, actions) = desired::plan(
-        &obs.replicas,
-        &obs.secrets,
-        &obs.statefulsets,
-        &BTreeSet::new(),
-        chrono::Duration::zero(),
-        Utc::now(),
-        true,
-    );
-    let api = match ctx
-        .credentials
-        .for_node(&ctx.client, &node, ctx.config.default_credentials.as_ref())
-        .await
-    {
-        Ok(api) => Some(api),
-        Err(_) => ctx.credentials.last_known(&node),
-    };
-    // With the namespace going away and no way to reach the API, waiting would keep the
-    // namespace stuck forever: let go, and say so.
-    let abandon = api.is_none() && namespace_terminating(&ctx, &ns).await;
-    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut problems = Vec::new();
-    for action in actions {
-        let SecretAction::Retire { secret, device_id } = action else {
-            continue;
-        };
-        let unused = unused_key(&obs.secrets, &secret);
-        let result = if abandon {
-            abandon_device(&secrets_api, &secret).await
-        } else {
-            let (device, key) = (device_id.as_deref(), unused.as_deref());
-            retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device, key).await
-        };
-        if let Err(p) = result {
-            problems.push(p.message);
-        }
-    }
-    if !problems.is_empty() {
-        return Err(Error::Cleanup(problems.join("; ")));
-    }
-    let rbac = desired::rbac_name(&node);
-    ctx.applied.forget_prefix(&format!("{ns}/"));
-    let teardown = Step::Teardown;
-    delete_ignoring_missing(&Api::<Role>::namespaced(ctx.client.clone(), &ns), &rbac, teardown).await?;
-    delete_ignoring_missing(
-        &Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns),
-        &rbac,
-        teardown,
-    )
-    .await?;
-    let cm = serve_config_map_name(&key);
-    delete_ignoring_missing(&Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns), &cm, teardown).await?;
-    ctx.backoff.reset(&node);
-    Ok(Action::await_change())
-}
-
 async fn pods_synced(ctx: &Context) -> bool {
     tokio::time::timeout(Duration::from_secs(30), ctx.pods.wait_until_ready())
         .await
@@ -507,7 +449,7 @@ pub(super) async fn namespace_terminating(ctx: &Context, ns: &str) -> bool {
     matches!(api.get_opt(ns).await, Ok(Some(n)) if n.metadata.deletion_timestamp.is_some())
 }
 
-async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str, step: Step) -> Result<(), Error>
+pub(super) async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str, step: Step) -> Result<(), Error>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {

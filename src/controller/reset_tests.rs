@@ -130,7 +130,10 @@ fn a_slot_is_wiped_once_a_new_pod_holds_it() {
     let mut s = secret("web-slot-0", &[], Some("d1"));
     let steps = plan(None, &[asking(slot("web-a", "ua"), "1")], std::slice::from_ref(&s));
     assert!(matches!(&steps[..], [Reset::Evict { pending_uid: Some(u), .. }] if u == "ua"));
-    s.metadata.annotations = Some(BTreeMap::from([(RESET_PENDING_ANNOTATION.to_string(), "ua".to_string())]));
+    s.metadata.annotations = Some(BTreeMap::from([(
+        RESET_PENDING_ANNOTATION.to_string(),
+        "ua".to_string(),
+    )]));
     assert_eq!(
         plan(None, &[slot("web-b", "ub")], std::slice::from_ref(&s)),
         vec![Reset::Wipe {

@@ -100,35 +100,64 @@ impl From<Problem> for MintFailed {
     }
 }
 
-/// Mints a key for each `(secret, pod)`, [`MINT_CONCURRENCY`] at a time; returns the failures.
-/// One Event tells of every key minted (one per key would be an apiserver write per pod).
+/// What [`mint_all`] did.
+#[derive(Default)]
+pub(super) struct Minted {
+    /// The Secrets whose mint failed, and why.
+    pub failed: Vec<(String, MintFailed)>,
+    /// The Secrets whose pod's gate was opened right after its key was written.
+    pub opened: BTreeSet<String>,
+    /// Opening a gate failed.
+    pub problems: Vec<Problem>,
+}
+
+/// Mints a key for each `(secret, pod)`, [`MINT_CONCURRENCY`] at a time. The gate of a pod in
+/// `ready_once_keyed` (gated, grant confirmed) opens as soon as its key is written, so the node
+/// starts the first pods while later keys are being minted. One Event tells of every key minted
+/// (one per key would be an apiserver write per pod).
 pub(super) async fn mint_all(
     ctx: &Context,
     node: &TailscaleNode,
     api: &dyn KeyApi,
     secrets: &Api<Secret>,
     wanted: impl Iterator<Item = (String, String)>,
-) -> Vec<(String, MintFailed)> {
-    let results: Vec<(String, String, Result<(), MintFailed>)> = futures::stream::iter(wanted)
-        .map(|(secret, pod)| async move {
-            let result = mint(ctx, node, api, secrets, &secret, &pod).await;
-            (secret, pod, result)
+    ready_once_keyed: &[&Replica],
+) -> Minted {
+    let ns = node.namespace().unwrap_or_default();
+    let results: Vec<_> = futures::stream::iter(wanted)
+        .map(|(secret, pod)| {
+            let ns = ns.as_str();
+            async move {
+                let result = mint(ctx, node, api, secrets, &secret, &pod).await;
+                let opened = match ready_once_keyed.iter().find(|r| r.secret == secret) {
+                    Some(r) if result.is_ok() => Some(super::gate::open(&ctx.client, ns, &[*r]).await),
+                    _ => None,
+                };
+                (secret, pod, result, opened)
+            }
         })
         .buffer_unordered(MINT_CONCURRENCY)
         .collect()
         .await;
     let mut minted = Vec::new();
-    let mut failed = Vec::new();
-    for (secret, pod, result) in results {
+    let mut out = Minted::default();
+    for (secret, pod, result, opened) in results {
+        match opened {
+            Some(Ok(1)) => {
+                out.opened.insert(secret.clone());
+            }
+            Some(Err(p)) => out.problems.push(p),
+            _ => {}
+        }
         match result {
             Ok(()) => minted.push(pod),
-            Err(f) => failed.push((secret, f)),
+            Err(f) => out.failed.push((secret, f)),
         }
     }
     if let Some(note) = minted_note(minted) {
         publish(ctx, node, EventType::Normal, "KeyMinted", "Mint", &note).await;
     }
-    failed
+    out
 }
 
 /// PURE: the Event note for keys minted in one pass, naming the first pods; None for none.

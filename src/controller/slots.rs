@@ -12,6 +12,8 @@
 //!   land is finished from the Secret on the next pass.
 //! - A slot is held by the pod whose annotation names it until that pod is gone or has finished:
 //!   a terminating pod still holds it (its tailscaled may still run; two with one node key fight).
+//!   The kubelet gives a deleted pod a terminal phase (`Failed`/`Succeeded`) only once all its
+//!   containers have stopped, so from then on the slot is free even while the object lingers.
 //! - A waiting pod takes, in order: the slot of a pod on its way out (it is that pod's
 //!   replacement: it waits behind its gate until the old pod is gone), else the lowest free slot,
 //!   else a new one (the lowest unused number). So a rolling update with surge takes one extra

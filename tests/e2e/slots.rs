@@ -110,14 +110,42 @@ pub async fn slots_keep_a_deployment_s_devices(c: Cluster) {
         .delete(&old.name_any(), &DeleteParams::default())
         .await
         .unwrap();
+    // While the old pod still runs (terminating, its containers not yet stopped: the kubelet
+    // gives a deleted pod a terminal phase once they have), no other pod holds slot 0 or has its
+    // gate open without a slot: the replacement waits behind its gate.
+    let overlap = std::sync::Mutex::new(Vec::new());
     let replacement = support::eventually(WAIT, || async {
-        live_pods(&ns)
+        let all = ns
+            .api::<Pod>()
+            .list(&ListParams::default().labels("app=web"))
             .await
-            .into_iter()
-            .find(|p| p.metadata.uid != old.metadata.uid && slot(p).as_deref() == Some("0") && is_ready(p))
+            .map(|l| l.items)
+            .unwrap_or_default();
+        let old_runs = all
+            .iter()
+            .any(|p| p.metadata.uid == old.metadata.uid && !tailnode::controller::desired::finished(p));
+        if old_runs {
+            let early = all.iter().filter(|p| {
+                p.metadata.uid != old.metadata.uid
+                    && (slot(p).as_deref() == Some("0")
+                        || (slot(p).is_none() && !tailnode::inject::is_gated(p.spec.as_ref())))
+            });
+            overlap.lock().unwrap().extend(early.map(|p| p.name_any()));
+        }
+        all.into_iter().find(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.metadata.uid != old.metadata.uid
+                && slot(p).as_deref() == Some("0")
+                && is_ready(p)
+        })
     })
     .await
     .expect("a replacement pod Ready in slot 0");
+    let overlap = overlap.into_inner().unwrap();
+    assert!(
+        overlap.is_empty(),
+        "pods took slot 0 or started while its old pod was still there: {overlap:?}"
+    );
     let s0_after = ns.api::<Secret>().get("ts-web-slot-0").await.unwrap();
     assert_eq!(
         data(&s0_after, "device_id"),
