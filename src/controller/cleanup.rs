@@ -13,8 +13,10 @@ use kube::{Api, ResourceExt};
 use super::desired::{self, SecretAction};
 use super::reconcile::{delete_ignoring_missing, namespace_terminating, observe};
 use super::secrets::{abandon_device, retire};
+use super::status::Problem;
 use super::{Context, Error, Step};
 use crate::api::{TailscaleNode, serve_config_map_name};
+use crate::tsapi::KeyApi;
 
 /// The id of the unused key in the observed Secret `name`, if any.
 pub(super) fn unused_key(secrets: &[Secret], name: &str) -> Option<String> {
@@ -48,19 +50,21 @@ pub(super) async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Resu
     // With the namespace going away and no way to reach the API, waiting would keep the
     // namespace stuck forever: let go, and say so.
     let abandon = api.is_none() && namespace_terminating(&ctx, &ns).await;
-    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let mut problems = Vec::new();
     for action in actions {
         let SecretAction::Retire { secret, device_id } = action else {
             continue;
         };
-        let unused = unused_key(&obs.secrets, &secret);
-        let result = if abandon {
-            abandon_device(&secrets_api, &secret).await
-        } else {
-            let (device, key) = (device_id.as_deref(), unused.as_deref());
-            retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device, key).await
-        };
+        let result = retire_one(
+            &ctx,
+            &node,
+            api.as_deref(),
+            &obs.secrets,
+            &secret,
+            device_id.as_deref(),
+            abandon,
+        )
+        .await;
         if let Err(p) = result {
             problems.push(p.message);
         }
@@ -82,4 +86,23 @@ pub(super) async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Resu
     delete_ignoring_missing(&Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns), &cm, teardown).await?;
     ctx.backoff.reset(&node);
     Ok(Action::await_change())
+}
+
+/// Retires the state Secret `secret` (its device first, and its unused key, as observed in
+/// `observed`), or, with `abandon`, lets it go without reaching the key API.
+pub(super) async fn retire_one(
+    ctx: &Context,
+    node: &TailscaleNode,
+    api: Option<&dyn KeyApi>,
+    observed: &[Secret],
+    secret: &str,
+    device_id: Option<&str>,
+    abandon: bool,
+) -> Result<(), Problem> {
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &node.namespace().unwrap_or_default());
+    if abandon {
+        return abandon_device(&secrets_api, secret).await;
+    }
+    let unused = unused_key(observed, secret);
+    retire(ctx, node, api, &secrets_api, secret, device_id, unused.as_deref()).await
 }

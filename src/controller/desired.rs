@@ -81,20 +81,7 @@ pub fn replicas<'a>(node: &TailscaleNode, pods: impl IntoIterator<Item = &'a Pod
     let name = node.metadata.name.as_deref().unwrap_or_default();
     let mut out: Vec<Replica> = pods
         .into_iter()
-        .filter(|p| {
-            p.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(NODE_LABEL))
-                .map(String::as_str)
-                == Some(name)
-        })
-        .filter(|p| {
-            p.metadata
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION))
-        })
+        .filter(|p| injected_for(p, name))
         .filter_map(|p| {
             let pod = p.metadata.name.clone()?;
             let statefulset = p
@@ -161,6 +148,16 @@ pub fn replicas<'a>(node: &TailscaleNode, pods: impl IntoIterator<Item = &'a Pod
         .collect();
     out.sort_by(|a, b| a.pod.cmp(&b.pod));
     out
+}
+
+/// True when `pod` is labelled for the node named `node` and was injected.
+pub fn injected_for(pod: &Pod, node: &str) -> bool {
+    let meta = &pod.metadata;
+    meta.labels.as_ref().and_then(|l| l.get(NODE_LABEL)).map(String::as_str) == Some(node)
+        && meta
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION))
 }
 
 fn ordinal(pod: &Pod, sts: &str, name: &str) -> Option<u32> {

@@ -19,7 +19,7 @@ use tracing::warn;
 use super::applied;
 use super::desired::{self, NODE_FINALIZER, SecretAction};
 use super::gate;
-use super::secrets::{self, abandon_device, mint, mint_all, retire, revoke};
+use super::secrets::{self, mint, mint_all, revoke};
 use super::status::{self, Findings};
 use super::{Context, Error, Step};
 use crate::api::{NODE_LABEL, TailscaleNode, serve_config_map_name};
@@ -308,13 +308,9 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
                 }
                 let api = api.clone().or_else(|| ctx.credentials.last_known(&node));
                 let abandon = api.is_none() && namespace_terminating(&ctx, &ns).await;
-                let unused = super::cleanup::unused_key(&obs.secrets, &secret);
-                let result = if abandon {
-                    abandon_device(&secrets_api, &secret).await
-                } else {
-                    let (device, key) = (device_id.as_deref(), unused.as_deref());
-                    retire(&ctx, &node, api.as_deref(), &secrets_api, &secret, device, key).await
-                };
+                let (observed, device) = (&obs.secrets, device_id.as_deref());
+                let result =
+                    super::cleanup::retire_one(&ctx, &node, api.as_deref(), observed, &secret, device, abandon).await;
                 if let Err(p) = result {
                     findings.failures.push(p);
                 }

@@ -16,13 +16,7 @@ use super::status::Problem;
 use crate::api::TailscaleNode;
 use crate::tsapi::KeyApi;
 
-/// What the resets of one reconcile did.
-#[derive(Debug, Default)]
-pub(super) struct Outcome {
-    /// A pod was evicted or a state wiped: observe again before minting or opening gates.
-    pub changed: bool,
-    pub problems: Vec<Problem>,
-}
+pub(super) use super::status::Outcome;
 
 fn problem(message: String) -> Problem {
     Problem {

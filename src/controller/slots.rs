@@ -26,10 +26,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 
-use super::desired::{POD_ANNOTATION, POD_UID_ANNOTATION, Replica, finished, state_secret};
+use super::desired::{POD_ANNOTATION, POD_UID_ANNOTATION, Replica, finished, injected_for, state_secret};
 use crate::api::{
-    IDENTITY_ANNOTATION, INJECTED_ANNOTATION, NODE_LABEL, SLOT_ANNOTATION, SLOTS_IDENTITY, TailscaleNode,
-    slot_secret_name, slot_secret_prefix,
+    IDENTITY_ANNOTATION, SLOT_ANNOTATION, SLOTS_IDENTITY, TailscaleNode, slot_secret_name, slot_secret_prefix,
 };
 
 /// Slot Secret annotation: when the slot lost its last pod (RFC 3339).
@@ -109,21 +108,7 @@ fn slot_pods<'a>(node: &TailscaleNode, pods: impl IntoIterator<Item = &'a Pod>) 
     let name = node.metadata.name.as_deref().unwrap_or_default();
     let mut out: Vec<(&'a Pod, SlotPod<'a>)> = pods
         .into_iter()
-        .filter(|p| {
-            p.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(NODE_LABEL))
-                .map(String::as_str)
-                == Some(name)
-        })
-        .filter(|p| {
-            p.metadata
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION))
-        })
-        .filter(|p| !finished(p))
+        .filter(|p| injected_for(p, name) && !finished(p))
         .filter_map(|p| {
             let slot = slot_of(p);
             (slot != SlotOf::NotSlotted).then_some(())?;

@@ -15,13 +15,7 @@ use super::slots::{self, RELEASED_AT_ANNOTATION, SlotAction};
 use super::status::Problem;
 use crate::api::{SLOT_ANNOTATION, TailscaleNode, slot_secret_name};
 
-/// What the slot writes of one reconcile did.
-#[derive(Debug, Default)]
-pub(super) struct Outcome {
-    /// A slot changed hands (or a claim lost a race): observe again before anything else.
-    pub changed: bool,
-    pub problems: Vec<Problem>,
-}
+use super::status::Outcome;
 
 fn problem(message: String) -> Problem {
     Problem {

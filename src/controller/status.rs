@@ -16,6 +16,16 @@ pub struct Problem {
     pub message: String,
 }
 
+/// What one step's writes did (resets, slots).
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Something changed hands (a pod evicted, a state wiped, a slot claimed, a race lost):
+    /// observe again before minting or opening gates.
+    pub changed: bool,
+    /// What went wrong, for the status and Events.
+    pub problems: Vec<Problem>,
+}
+
 /// What the reconcile learned, for the conditions.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Findings {
