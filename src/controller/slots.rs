@@ -225,7 +225,8 @@ pub fn plan<'a>(
     }
     // Free slots: released, kept through the grace period. Held ones: not released.
     for (n, s) in &by_slot {
-        let Some(secret) = s.metadata.name.clone() else {
+        // A Secret on its way out is retired already: nothing to release or keep.
+        let Some(secret) = s.metadata.name.clone().filter(|_| s.metadata.deletion_timestamp.is_none()) else {
             continue;
         };
         let held = holders.contains_key(n) || claimed.contains(n);
