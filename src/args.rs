@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::inject::{DEFAULT_IMAGE, OperatorDefaults, PodSecurityLevel};
+use crate::inject::{DEFAULT_CLUSTER_DOMAIN, DEFAULT_IMAGE, DnsDefaults, OperatorDefaults, PodSecurityLevel};
 use crate::tls::ServerLimits;
 
 /// tailnode: put Kubernetes pods on a Tailscale tailnet.
@@ -31,6 +31,34 @@ pub enum Command {
     Inject(InjectArgs),
     /// Run the operator: admission webhook, controller, and admin server.
     Run(Box<RunArgs>),
+    /// The resolver of `dns.magicDNS` pods (the injected `tailscale-dns` container): answers
+    /// tailnet names from tailscaled's LocalAPI and forwards the rest to the cluster DNS.
+    DnsProxy(DnsProxyArgs),
+}
+
+/// `tailnode dns-proxy`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DnsProxyArgs {
+    /// UDP and TCP address to answer on.
+    #[arg(long, default_value = "127.0.0.1:53")]
+    pub listen: std::net::SocketAddr,
+    /// DNS server(s) for every name outside the tailnet, tried in order (`IP` or `IP:port`).
+    #[arg(long, required = true, value_delimiter = ',', value_parser = parse_dns_server_addr)]
+    pub upstream: Vec<std::net::SocketAddr>,
+    /// tailscaled's LocalAPI socket.
+    #[arg(long, default_value = "/tmp/tailscaled.sock")]
+    pub socket: PathBuf,
+    /// How long to wait for the upstream server or tailscaled, per query (e.g. `2s`).
+    #[arg(long, default_value = "2s", value_parser = parse_timeout)]
+    pub timeout: Duration,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+}
+
+fn parse_dns_server_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    crate::dnsproxy::parse_server(text.trim())
+        .ok_or_else(|| format!("{text:?} is not a DNS server address such as 10.96.0.10 or 10.96.0.10:53"))
 }
 
 /// `tailnode run`.
@@ -242,6 +270,45 @@ pub struct DefaultsArgs {
     /// a TUN sidecar that uses an exit node routes them, and the apiserver, around it.
     #[arg(long, env = "TAILNODE_CLUSTER_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
     pub cluster_cidrs: Vec<String>,
+    /// The cluster DNS server(s), comma-separated `IP` or `IP:port` (the kubelet's `clusterDNS`;
+    /// `kubectl -n kube-system get svc kube-dns`): the resolver of `dns.magicDNS` pods forwards
+    /// every name outside the tailnet there. Pods with `dns.magicDNS` are refused without it.
+    #[arg(long, env = "TAILNODE_CLUSTER_DNS", value_delimiter = ',', value_parser = parse_dns_server)]
+    pub cluster_dns: Vec<String>,
+    /// The cluster domain (the kubelet's `clusterDomain`): `dns.magicDNS` pods search
+    /// `<namespace>.svc.<domain>`, `svc.<domain>` and `<domain>`.
+    #[arg(long, env = "TAILNODE_CLUSTER_DOMAIN", default_value = DEFAULT_CLUSTER_DOMAIN, value_parser = parse_domain)]
+    pub cluster_domain: String,
+    /// Image of the `tailscale-dns` resolver container of `dns.magicDNS` pods: tailnode's own
+    /// image (it runs `tailnode dns-proxy`). The chart sets it to the operator's image.
+    #[arg(long, env = "TAILNODE_DNS_PROXY_IMAGE")]
+    pub dns_proxy_image: Option<String>,
+}
+
+/// Checks a DNS server address: `IP` (port 53) or `IP:port`, IPv6 as `[addr]:port`.
+fn parse_dns_server(text: &str) -> Result<String, String> {
+    crate::dnsproxy::parse_server(text.trim())
+        .map(|a| a.to_string())
+        .ok_or_else(|| format!("{text:?} is not a DNS server address such as 10.96.0.10 or 10.96.0.10:53"))
+}
+
+/// Checks a cluster domain: DNS labels separated by dots, no trailing dot.
+fn parse_domain(text: &str) -> Result<String, String> {
+    let text = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let ok = !text.is_empty()
+        && text.len() <= 253
+        && text.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if ok {
+        Ok(text)
+    } else {
+        Err(format!("{text:?} is not a domain such as cluster.local"))
+    }
 }
 
 /// Checks a CIDR (`10.96.0.0/12`, `fd00::/108`).
@@ -267,6 +334,11 @@ impl DefaultsArgs {
             no_logs_no_support: !self.allow_logs,
             unlabelled_namespace_level: self.default_pod_security,
             cluster_cidrs: self.cluster_cidrs.clone(),
+            dns: DnsDefaults {
+                cluster_dns: self.cluster_dns.clone(),
+                cluster_domain: self.cluster_domain.clone(),
+                proxy_image: self.dns_proxy_image.clone(),
+            },
         }
     }
 }
@@ -420,6 +492,41 @@ mod tests {
             let flag = format!("--cluster-cidrs={bad}");
             assert!(Args::try_parse_from(["tailnode", "run", &flag]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn cluster_dns_flags_reach_the_engine() {
+        let d = run_args(&[]).operator_defaults().dns;
+        assert_eq!(d, DnsDefaults::default());
+        assert_eq!(d.cluster_domain, "cluster.local");
+        let set = run_args(&[
+            "--cluster-dns=10.96.0.10, [fd00::a]:5353,198.18.0.138:53",
+            "--cluster-domain=Corp.Example.",
+            "--dns-proxy-image=tailnode/tailnode:dev",
+        ])
+        .operator_defaults()
+        .dns;
+        assert_eq!(set.cluster_dns, ["10.96.0.10:53", "[fd00::a]:5353", "198.18.0.138:53"]);
+        assert_eq!(set.cluster_domain, "corp.example");
+        assert_eq!(set.proxy_image.as_deref(), Some("tailnode/tailnode:dev"));
+        for bad in [
+            "--cluster-dns=kube-dns",
+            "--cluster-dns=10.0.0.1:x",
+            "--cluster-domain=a..b",
+            "--cluster-domain=-a",
+        ] {
+            assert!(Args::try_parse_from(["tailnode", "run", bad]).is_err(), "{bad}");
+        }
+        let proxy = Args::parse_from(["tailnode", "dns-proxy", "--upstream=10.96.0.10"]);
+        let Command::DnsProxy(p) = proxy.command else {
+            unreachable!()
+        };
+        assert_eq!(p.upstream, ["10.96.0.10:53".parse().unwrap()]);
+        assert_eq!(p.listen, "127.0.0.1:53".parse().unwrap());
+        assert!(
+            Args::try_parse_from(["tailnode", "dns-proxy"]).is_err(),
+            "--upstream is required"
+        );
     }
 
     #[test]
