@@ -95,7 +95,8 @@ pub async fn magicdns_in_app_containers(c: Cluster) {
         // Tailnet names, with a plain nslookup: a member and the other pod.
         app_until(&c, ns, pod, &format!("nslookup {member_fqdn}"), &member_ip).await;
         app_until(&c, ns, pod, &format!("nslookup {peer_fqdn}"), peer_ip).await;
-        // An unknown tailnet name is NXDOMAIN at once (not a timeout, not the cluster's answer).
+        // An unknown tailnet name is NXDOMAIN (tailscaled says REFUSED; the resolver turns that
+        // into NXDOMAIN so stub resolvers move on), not a timeout or SERVFAIL.
         app_until(&c, ns, pod, &format!("nslookup nope-{pod}.{BASE_DOMAIN}"), "NXDOMAIN").await;
         // Cluster names still resolve: fully qualified with nslookup, by the short name
         // `kubernetes.default` through the search list with wget (the apiserver answers a plain
