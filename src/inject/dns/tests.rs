@@ -214,3 +214,21 @@ fn only_magicdns_pods_hash_the_dns_settings() {
 fn search_list_without_a_namespace() {
     assert_eq!(searches(None, "corp.local", &[]), ["svc.corp.local", "corp.local"]);
 }
+
+#[test]
+fn a_reinvocation_leaves_the_resolver_without_proxy_env() {
+    // Found by the inject_pod fuzz target: a reinvocation gave the proxy env to the resolver, an
+    // init container that the first injection had added after exporting the env.
+    let n = node(json!({"dns": {"magicDNS": true}, "outbound": {"httpProxyPort": 1056, "exportEnv": true}}));
+    let f = dns_facts(PodSecurityLevel::Restricted, true);
+    let (once, _) = injected(&pod(json!({})), &n, &f);
+    assert!(resolver(&once).env.is_none(), "the resolver takes no proxy env");
+    let again = inject_pod(&once, &n, &f).unwrap();
+    assert!(
+        matches!(
+            again,
+            super::super::Outcome::Skipped(super::super::Skip::AlreadyInjected)
+        ),
+        "{again:?}"
+    );
+}
