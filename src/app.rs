@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::api::{Credentials, HeadscaleCredentials, OAuthCredentials, TailscaleNode};
-use crate::args::{Args, Command, CredentialKind, InjectArgs, RunArgs};
+use crate::args::{Args, Command, CredentialKind, DnsProxyArgs, InjectArgs, RunArgs};
 use crate::controller::WatchBackoff;
 use crate::controller::credentials::{CredentialCache, DefaultCredentials};
 use crate::controller::election::Timings;
@@ -39,6 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Inject(a) => inject(a),
+        Command::DnsProxy(a) => dns_proxy(a),
         Command::Run(a) => {
             crate::telemetry::init(a.log_format);
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -77,6 +78,30 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// `tailnode dns-proxy`: one thread is plenty for a pod's DNS.
+fn dns_proxy(a: DnsProxyArgs) -> anyhow::Result<()> {
+    crate::telemetry::init(a.log_format);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signals.cancel();
+        });
+        let config = crate::dnsproxy::Config {
+            listen: a.listen,
+            upstream: a.upstream,
+            socket: a.socket,
+            timeout: a.timeout,
+        };
+        crate::dnsproxy::serve(config, shutdown).await.context("serving DNS")
+    })
 }
 
 fn read_input(path: &std::path::Path) -> anyhow::Result<String> {

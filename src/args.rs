@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::inject::{DEFAULT_IMAGE, OperatorDefaults, PodSecurityLevel};
+use crate::inject::{DEFAULT_CLUSTER_DOMAIN, DEFAULT_IMAGE, DnsDefaults, OperatorDefaults, PodSecurityLevel};
 use crate::tls::ServerLimits;
 
 /// tailnode: put Kubernetes pods on a Tailscale tailnet.
@@ -31,6 +31,34 @@ pub enum Command {
     Inject(InjectArgs),
     /// Run the operator: admission webhook, controller, and admin server.
     Run(Box<RunArgs>),
+    /// The resolver of `dns.magicDNS` pods (the injected `tailscale-dns` container): answers
+    /// tailnet names from tailscaled's LocalAPI and forwards the rest to the cluster DNS.
+    DnsProxy(DnsProxyArgs),
+}
+
+/// `tailnode dns-proxy`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DnsProxyArgs {
+    /// UDP and TCP address to answer on.
+    #[arg(long, default_value = "127.0.0.1:53")]
+    pub listen: std::net::SocketAddr,
+    /// DNS server(s) for every name outside the tailnet, tried in order (`IP` or `IP:port`).
+    #[arg(long, required = true, value_delimiter = ',', value_parser = parse_dns_server_addr)]
+    pub upstream: Vec<std::net::SocketAddr>,
+    /// tailscaled's LocalAPI socket.
+    #[arg(long, default_value = "/tmp/tailscaled.sock")]
+    pub socket: PathBuf,
+    /// How long to wait for the upstream server or tailscaled, per query (e.g. `2s`).
+    #[arg(long, default_value = "2s", value_parser = parse_timeout)]
+    pub timeout: Duration,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+}
+
+fn parse_dns_server_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    crate::dnsproxy::parse_server(text.trim())
+        .ok_or_else(|| format!("{text:?} is not a DNS server address such as 10.96.0.10 or 10.96.0.10:53"))
 }
 
 /// `tailnode run`.
@@ -246,6 +274,45 @@ pub struct DefaultsArgs {
     /// a TUN sidecar that uses an exit node routes them, and the apiserver, around it.
     #[arg(long, env = "TAILNODE_CLUSTER_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
     pub cluster_cidrs: Vec<String>,
+    /// The cluster DNS server(s), comma-separated `IP` or `IP:port` (the kubelet's `clusterDNS`;
+    /// `kubectl -n kube-system get svc kube-dns`): the resolver of `dns.magicDNS` pods forwards
+    /// every name outside the tailnet there. Pods with `dns.magicDNS` are refused without it.
+    #[arg(long, env = "TAILNODE_CLUSTER_DNS", value_delimiter = ',', value_parser = parse_dns_server)]
+    pub cluster_dns: Vec<String>,
+    /// The cluster domain (the kubelet's `clusterDomain`): `dns.magicDNS` pods search
+    /// `<namespace>.svc.<domain>`, `svc.<domain>` and `<domain>`.
+    #[arg(long, env = "TAILNODE_CLUSTER_DOMAIN", default_value = DEFAULT_CLUSTER_DOMAIN, value_parser = parse_domain)]
+    pub cluster_domain: String,
+    /// Image of the `tailscale-dns` resolver container of `dns.magicDNS` pods: tailnode's own
+    /// image (it runs `tailnode dns-proxy`). The chart sets it to the operator's image.
+    #[arg(long, env = "TAILNODE_DNS_PROXY_IMAGE")]
+    pub dns_proxy_image: Option<String>,
+}
+
+/// Checks a DNS server address: `IP` (port 53) or `IP:port`, IPv6 as `[addr]:port`.
+fn parse_dns_server(text: &str) -> Result<String, String> {
+    crate::dnsproxy::parse_server(text.trim())
+        .map(|a| a.to_string())
+        .ok_or_else(|| format!("{text:?} is not a DNS server address such as 10.96.0.10 or 10.96.0.10:53"))
+}
+
+/// Checks a cluster domain: DNS labels separated by dots, no trailing dot.
+fn parse_domain(text: &str) -> Result<String, String> {
+    let text = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let ok = !text.is_empty()
+        && text.len() <= 253
+        && text.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if ok {
+        Ok(text)
+    } else {
+        Err(format!("{text:?} is not a domain such as cluster.local"))
+    }
 }
 
 /// Checks a CIDR (`10.96.0.0/12`, `fd00::/108`).
@@ -271,6 +338,11 @@ impl DefaultsArgs {
             no_logs_no_support: !self.allow_logs,
             unlabelled_namespace_level: self.default_pod_security,
             cluster_cidrs: self.cluster_cidrs.clone(),
+            dns: DnsDefaults {
+                cluster_dns: self.cluster_dns.clone(),
+                cluster_domain: self.cluster_domain.clone(),
+                proxy_image: self.dns_proxy_image.clone(),
+            },
         }
     }
 }
@@ -355,106 +427,4 @@ impl From<LevelArg> for PodSecurityLevel {
 }
 
 #[cfg(test)]
-mod tests {
-    use clap::Parser;
-
-    use super::*;
-
-    fn run_args(extra: &[&str]) -> RunArgs {
-        let mut argv = vec!["tailnode", "run"];
-        argv.extend_from_slice(extra);
-        match Args::parse_from(argv).command {
-            Command::Run(r) => *r,
-            _ => unreachable!(),
-        }
-    }
-
-    #[test]
-    fn default_headscale_url_is_the_login_server() {
-        let a = run_args(&[
-            "--default-credentials=headscale",
-            "--default-headscale-url=http://hs.local:8080",
-        ]);
-        assert_eq!(
-            a.operator_defaults().control_url.as_deref(),
-            Some("http://hs.local:8080")
-        );
-        let explicit = run_args(&[
-            "--default-credentials=headscale",
-            "--default-headscale-url=http://hs.local:8080",
-            "--control-url=https://login.example",
-        ]);
-        assert_eq!(
-            explicit.operator_defaults().control_url.as_deref(),
-            Some("https://login.example")
-        );
-        assert_eq!(run_args(&[]).operator_defaults().control_url, None);
-        assert!(run_args(&[]).operator_defaults().no_logs_no_support);
-    }
-
-    #[test]
-    fn leader_election_timings() {
-        let a = run_args(&[]);
-        assert_eq!(a.leader_elect_lease_duration, Duration::from_secs(10));
-        assert_eq!(a.leader_elect_renew_deadline, Duration::from_secs(7));
-        assert_eq!(a.leader_elect_retry_period, Duration::from_secs(2));
-        let a = run_args(&[
-            "--leader-elect-lease-duration=1m",
-            "--leader-elect-renew-deadline=45s",
-            "--leader-elect-retry-period=500ms",
-        ]);
-        assert_eq!(a.leader_elect_lease_duration, Duration::from_secs(60));
-        assert_eq!(a.leader_elect_renew_deadline, Duration::from_secs(45));
-        assert_eq!(a.leader_elect_retry_period, Duration::from_millis(500));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        for bad in ["", "15", "s", "-1s", "1.5s", "15 s", "10d", "99999999999s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn cluster_cidrs_are_checked_and_reach_the_engine() {
-        assert!(run_args(&[]).operator_defaults().cluster_cidrs.is_empty());
-        let set = run_args(&["--cluster-cidrs=10.244.0.0/16, 10.96.0.0/12,fd00::/108"]);
-        assert_eq!(
-            set.operator_defaults().cluster_cidrs,
-            ["10.244.0.0/16", "10.96.0.0/12", "fd00::/108"]
-        );
-        for bad in ["10.0.0.0", "10.0.0.0/33", "fd00::/129", "example.com/8", "10.0.0.0/x"] {
-            let flag = format!("--cluster-cidrs={bad}");
-            assert!(Args::try_parse_from(["tailnode", "run", &flag]).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn server_limit_flags_default_to_the_server_defaults() {
-        assert_eq!(run_args(&[]).limits.to_limits(), ServerLimits::default());
-        let set = run_args(&[
-            "--handshake-timeout=3s",
-            "--header-read-timeout=4s",
-            "--idle-timeout=5m",
-            "--request-timeout=600ms",
-            "--max-connections=7",
-            "--max-connections-per-ip=8",
-            "--max-body-bytes=9",
-        ]);
-        let want = ServerLimits {
-            handshake_timeout: Duration::from_secs(3),
-            header_read_timeout: Duration::from_secs(4),
-            idle_timeout: Duration::from_secs(300),
-            request_timeout: Duration::from_millis(600),
-            max_connections: 7,
-            max_connections_per_ip: 8,
-            max_body_bytes: 9,
-        };
-        assert_eq!(set.limits.to_limits(), want);
-        for zero in [
-            "--max-connections=0",
-            "--max-body-bytes=0",
-            "--handshake-timeout=0s",
-            "--idle-timeout=0ms",
-        ] {
-            assert!(Args::try_parse_from(["tailnode", "run", zero]).is_err(), "{zero}");
-        }
-    }
-}
+mod tests;

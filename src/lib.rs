@@ -4,7 +4,8 @@
 //! Layout: [`api`] holds the `TailscaleNode` types; [`inject`] is the pure injection engine and
 //! serve-config renderer; [`manifest`] applies the engine to multi-document YAML (`tailnode
 //! inject`); [`webhook`] and [`controller`] are the operator's two halves, [`tsapi`] the key APIs,
-//! [`tls`]/[`certs`]/[`admin`] the serving plumbing, and [`app`] wires them for `tailnode run`.
+//! [`tls`]/[`certs`]/[`admin`] the serving plumbing, [`dnsproxy`] the MagicDNS resolver of pods
+//! (`tailnode dns-proxy`), and [`app`] wires them for `tailnode run`.
 
 pub mod admin;
 pub mod api;
@@ -13,6 +14,7 @@ pub mod args;
 pub mod certs;
 pub mod controller;
 pub mod crd;
+pub mod dnsproxy;
 pub mod inject;
 pub mod manifest;
 pub mod metrics;

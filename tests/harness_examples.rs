@@ -21,9 +21,10 @@ use serde_yaml::Value;
 use support::*;
 
 /// Every example directory; each must have a README.md and at least one manifest.
-const EXAMPLES: [&str; 6] = [
+const EXAMPLES: [&str; 7] = [
     "deployment-stable-slots",
     "job-native-sidecar",
+    "magicdns",
     "statefulset-stable-hostnames",
     "tun-exit-node",
     "tun-subnet-router",
@@ -260,7 +261,14 @@ async fn every_example_applies_with_a_server_side_dry_run() {
 
 fn inject(file: &Path) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tailnode"))
-        .args(["inject", "-f", path_str(file)])
+        // MagicDNS (examples/magicdns) needs the cluster DNS and the resolver's image.
+        .args([
+            "inject",
+            "--cluster-dns=10.96.0.10",
+            "--dns-proxy-image=tailnode/tailnode:0.1.0",
+            "-f",
+            path_str(file),
+        ])
         .output()
         .unwrap();
     assert!(
@@ -362,6 +370,27 @@ fn check_example(file: &str, workload: &Value, sidecar: &Value, native: bool) {
                 first["securityContext"]["capabilities"]["add"][0], "NET_ADMIN",
                 "{what}"
             );
+        }
+        "examples/magicdns/app.yaml" => {
+            assert_eq!(env["TS_USERSPACE"], "true", "{what}");
+            assert_eq!(str_at(spec, &["dnsPolicy"]), Some("None"), "{what}");
+            assert_eq!(spec["dnsConfig"]["nameservers"][0], "127.0.0.1", "{what}");
+            assert_eq!(
+                spec["dnsConfig"]["searches"][0], "tailnode-example-magicdns.svc.cluster.local",
+                "{what}"
+            );
+            // The resolver first (tailscaled resolves through it), from tailnode's image, as
+            // non-root as the userspace sidecar.
+            let first = containers(spec, "initContainers").next().unwrap();
+            assert_eq!(str_at(first, &["name"]), Some("tailscale-dns"), "{what}");
+            assert_eq!(str_at(first, &["image"]), Some("tailnode/tailnode:0.1.0"), "{what}");
+            assert_eq!(first["securityContext"]["runAsNonRoot"], Value::Bool(true), "{what}");
+            assert_eq!(
+                spec["securityContext"]["sysctls"][0]["name"], "net.ipv4.ip_unprivileged_port_start",
+                "{what}"
+            );
+            let app = containers(spec, "containers").next().unwrap();
+            assert_eq!(env_of(app)["HTTP_PROXY"], "http://127.0.0.1:1056", "{what}");
         }
         other => panic!("{other}: no expectations written for this example; add them here"),
     }

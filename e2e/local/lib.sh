@@ -12,7 +12,7 @@
 #   etcd/               etcd data dir
 #   headscale/          headscale config, policy, sqlite db, keys (socket too, unless the path is too long)
 #   pids/<name>.pid     one per background process: etcd, kube-apiserver, kube-controller-manager,
-#                       kube-scheduler, headscale, containerd, kubelet
+#                       kube-scheduler, headscale, coredns, containerd, kubelet
 #   node/               the real node's state: containerd, kubelet, CNI (see node.sh)
 #   logs/<name>.log     their stdout+stderr
 
@@ -22,7 +22,7 @@ harness=$(realpath -m "${TAILNODE_HARNESS_DIR:-$repo/.harness}")
 
 # Every process the harness starts (down stops kube-controller-manager before the apiserver, etcd last).
 # shellcheck disable=SC2034 # used by up and down
-harness_procs=(kubelet kube-scheduler tlsproxy headscale kube-controller-manager kube-apiserver etcd containerd)
+harness_procs=(kubelet kube-scheduler coredns tlsproxy headscale kube-controller-manager kube-apiserver etcd containerd)
 
 # Paths end up unquoted in the env file and in YAML; refuse anything exotic rather than quote.
 case $harness in

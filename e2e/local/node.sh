@@ -13,6 +13,9 @@
 #                     apiserver without DNAT (ip_forward stays 0). Other ClusterIPs do not
 #                     answer; the apiserver reaches webhooks through their endpoints
 #                     (--enable-aggregator-routing).
+#                     The cluster DNS works the same way: CoreDNS (started by up) listens on the
+#                     `kube-dns` Service's ClusterIP 198.18.0.138:53, also an address of the bridge,
+#                     and the kubelet gives it to pods as `clusterDNS`.
 #   Pods get a route to the service range via 198.18.0.1 and no default route.
 
 # shellcheck disable=SC2034 # used by up, down and the env file
@@ -22,6 +25,8 @@ node_ip=198.18.0.1
 node_pod_subnet=198.18.0.0/25
 node_service_cidr=198.18.0.128/25
 node_apiserver_ip=198.18.0.129
+node_dns_ip=198.18.0.138
+node_cluster_domain=cluster.local
 node_cgroup=tailnode-e2e
 node_dir="$harness/node"
 node_sock="$node_dir/run/containerd.sock"
@@ -32,7 +37,7 @@ node_render() { # node_render TEMPLATE OUT
   sed -e "s|@HARNESS@|$harness|g" -e "s|@BRIDGE@|$node_bridge|g" -e "s|@NODE_IP@|$node_ip|g" \
     -e "s|@POD_SUBNET@|$node_pod_subnet|g" -e "s|@POD_RANGE_START@|198.18.0.10|g" \
     -e "s|@POD_RANGE_END@|198.18.0.99|g" -e "s|@SERVICE_CIDR@|$node_service_cidr|g" \
-    -e "s|@CGROUP@|$node_cgroup|g" -e "s|@PAUSE_IMAGE@|${TAILNODE_E2E_PAUSE_IMAGE:-localhost/pause:e2e}|g" \
+    -e "s|@CGROUP@|$node_cgroup|g" -e "s|@DNS_IP@|$node_dns_ip|g" -e "s|@CLUSTER_DOMAIN@|$node_cluster_domain|g" -e "s|@PAUSE_IMAGE@|${TAILNODE_E2E_PAUSE_IMAGE:-localhost/pause:e2e}|g" \
     "$lib_here/node/$1" >"$2"
 }
 
@@ -83,6 +88,7 @@ node_bridge_up() {
   echo "$harness" >"$node_bridge_owner"
   ip addr add "$node_ip/25" dev "$node_bridge"
   ip addr add "$node_apiserver_ip/32" dev "$node_bridge"
+  ip addr add "$node_dns_ip/32" dev "$node_bridge"
   ip link set "$node_bridge" up
 }
 

@@ -9,7 +9,9 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use std::sync::OnceLock;
 use tailnode::api::{SIDECAR_NAME, TailscaleNode};
-use tailnode::inject::{ClusterFacts, OperatorDefaults, Outcome, PodSecurityLevel, Skip, WorkloadKind, inject_pod};
+use tailnode::inject::{
+    ClusterFacts, DnsDefaults, OperatorDefaults, Outcome, PodSecurityLevel, Skip, WorkloadKind, inject_pod,
+};
 use tailnode_fuzz::{node, node_specs, pick, pods, word};
 
 static BASES: OnceLock<(Vec<Value>, Vec<Value>)> = OnceLock::new();
@@ -41,11 +43,22 @@ fn run(u: &mut Unstructured) -> arbitrary::Result<()> {
             },
             control_url: if u.ratio(1, 4)? { Some(word(u)?) } else { None },
             no_logs_no_support: u.arbitrary()?,
+            // MagicDNS pods: the operator knows the cluster DNS and the resolver's image, or not.
+            dns: if u.ratio(3, 4)? {
+                DnsDefaults {
+                    cluster_dns: vec!["10.96.0.10:53".to_string()],
+                    cluster_domain: "cluster.local".to_string(),
+                    proxy_image: Some("tailnode/tailnode:0.1.0".to_string()),
+                }
+            } else {
+                DnsDefaults::default()
+            },
             ..OperatorDefaults::default()
         },
         api_server_host: u
             .choose(&[None, Some("10.96.0.1".to_string()), Some("fd00::1".to_string())])?
             .clone(),
+        namespace: u.choose(&[None, Some("apps".to_string())])?.clone(),
     };
     if let Ok(Outcome::Injected { object, .. }) = inject_pod(&pod, &node, &facts) {
         let spec = object.spec.as_ref().expect("an injected pod has a spec");

@@ -25,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
         workload: WorkloadKind::Other,
         defaults: OperatorDefaults::default(),
         api_server_host: None,
+        namespace: None,
     };
     if let Ok(out) = inject_manifests(input, nodes, &facts) {
         for doc in serde_yaml::Deserializer::from_str(&out) {

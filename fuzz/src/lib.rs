@@ -208,6 +208,7 @@ pub fn node_specs() -> Vec<Value> {
                 {"port": 5432, "protocol": "tcp", "target": "tcp://127.0.0.1:5432"}
             ],
             "outbound": {"socks5Port": 1055, "httpProxyPort": 1056, "exportEnv": true, "noProxy": ["localhost", ".svc"]},
+            "dns": {"magicDNS": true},
             "sidecar": {
                 "image": "tailscale/tailscale:v1.102.5", "imagePullPolicy": "IfNotPresent", "nativeSidecar": "always",
                 "env": [{"name": "TS_DEBUG_FIREWALL_MODE", "value": "auto"}], "healthPort": 9002,
@@ -219,6 +220,7 @@ pub fn node_specs() -> Vec<Value> {
             "credentials": {"oauth": {"secretName": "ts-oauth", "tailnet": "example.com"}},
             "routes": {"advertise": ["10.0.0.0/8", "fd7a:115c:a1e0::/48"], "accept": true},
             "exitNode": {"advertise": true},
+            "dns": {"magicDNS": true},
             "sidecar": {"nativeSidecar": "never", "privileged": true}
         }),
         json!({

@@ -113,6 +113,29 @@ pub struct TailscaleNodeSpec {
     /// Settings of the injected sidecar container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecar: Option<SidecarSpec>,
+
+    /// DNS of the app containers: MagicDNS names of the tailnet next to the cluster's own names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsSpec>,
+}
+
+/// DNS of the app containers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsSpec {
+    /// Resolve the tailnet's MagicDNS names (`<host>.<tailnet domain>`, and short `<host>`) in
+    /// the app containers, in both modes, while cluster names keep resolving. The pod gets
+    /// `dnsPolicy: None` and a `dnsConfig` whose first nameserver is a small resolver on
+    /// 127.0.0.1:53 (the `tailscale-dns` container, from the operator's image): it answers names
+    /// under the tailnet's domain from tailscaled and forwards everything else to the cluster DNS
+    /// (the operator's `--cluster-dns`), with the cluster's search domains and `ndots:5` (a
+    /// `dnsConfig` of the pod is merged in). The pod also gets the safe sysctl
+    /// `net.ipv4.ip_unprivileged_port_start=53` so the resolver binds port 53 without
+    /// privileges. Pods that set `dnsPolicy: None` or `Default` themselves are refused. In
+    /// userspace mode the names resolve, but tailnet addresses are reached only through the
+    /// outbound proxies (`outbound`), as before. Off by default; limits in the README.
+    #[serde(default, rename = "magicDNS")]
+    pub magic_dns: bool,
 }
 
 /// Networking mode of the sidecar.

@@ -226,7 +226,12 @@ pub fn plan<'a>(
     // Free slots: released, kept through the grace period. Held ones: not released.
     for (n, s) in &by_slot {
         // A Secret on its way out is retired already: nothing to release or keep.
-        let Some(secret) = s.metadata.name.clone().filter(|_| s.metadata.deletion_timestamp.is_none()) else {
+        let Some(secret) = s
+            .metadata
+            .name
+            .clone()
+            .filter(|_| s.metadata.deletion_timestamp.is_none())
+        else {
             continue;
         };
         let held = holders.contains_key(n) || claimed.contains(n);

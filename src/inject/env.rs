@@ -30,11 +30,20 @@ pub(super) fn proxy_vars(outbound: &Outbound) -> Vec<(&'static str, &'static str
 }
 
 /// Appends the proxy variables to every app container (and to init containers when the sidecar
-/// is native, so it runs before them). A variable the container sets in either case is kept.
+/// is native, so it runs before them), never to tailnode's own. A variable the container sets in
+/// either case is kept.
 pub(super) fn export_proxy_env(spec: &mut PodSpec, outbound: &Outbound, include_init: bool) {
     let vars = proxy_vars(outbound);
     let apply = |c: &mut Container| {
-        if c.name == SIDECAR_NAME {
+        // tailnode's own containers: the sidecar, the MagicDNS resolver and the init containers
+        // that prepare the network namespace (none of them goes through the proxies).
+        let own = [
+            SIDECAR_NAME,
+            super::dns::DNS_NAME,
+            super::forwarding::FORWARDING_NAME,
+            super::forwarding::LOCAL_ROUTES_NAME,
+        ];
+        if own.contains(&c.name.as_str()) {
             return;
         }
         let defined = |name: &str| c.env.iter().flatten().any(|e| e.name == name);

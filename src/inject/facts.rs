@@ -17,6 +17,9 @@ pub struct ClusterFacts {
     /// operator running outside the cluster). An IPv6 literal makes the sidecar get a bracketed
     /// copy (see `sidecar::api_server_env`).
     pub api_server_host: Option<String>,
+    /// The pod's namespace, when known (the webhook's request; a manifest's `metadata.namespace`):
+    /// MagicDNS pods get `<namespace>.svc.<cluster domain>` as their first search domain.
+    pub namespace: Option<String>,
 }
 
 impl Default for ClusterFacts {
@@ -27,6 +30,7 @@ impl Default for ClusterFacts {
             workload: WorkloadKind::Other,
             defaults: OperatorDefaults::default(),
             api_server_host: None,
+            namespace: None,
         }
     }
 }
@@ -49,6 +53,35 @@ pub struct OperatorDefaults {
     /// (and the apiserver) off it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cluster_cidrs: Vec<String>,
+    /// What pods with `dns.magicDNS` need: the cluster DNS, the cluster domain, the resolver's
+    /// image. Left out of the injection hash unless a pod uses it (see `spec_hash`).
+    #[serde(skip)]
+    pub dns: DnsDefaults,
+}
+
+/// The cluster's DNS, for pods whose TailscaleNode turns `dns.magicDNS` on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DnsDefaults {
+    /// The cluster DNS server(s) the pod's resolver forwards non-tailnet names to (the kubelet's
+    /// `clusterDNS`, the `kube-dns` Service's ClusterIP), as `IP` or `IP:port`.
+    pub cluster_dns: Vec<String>,
+    /// The cluster domain (the kubelet's `clusterDomain`).
+    pub cluster_domain: String,
+    /// Image of the resolver container (the operator's own image: it runs `tailnode dns-proxy`).
+    pub proxy_image: Option<String>,
+}
+
+/// The cluster domain most clusters use.
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
+impl Default for DnsDefaults {
+    fn default() -> Self {
+        DnsDefaults {
+            cluster_dns: Vec::new(),
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_string(),
+            proxy_image: None,
+        }
+    }
 }
 
 /// Default sidecar image: the tailscale release the project tests against.
@@ -62,6 +95,7 @@ impl Default for OperatorDefaults {
             no_logs_no_support: true,
             unlabelled_namespace_level: PodSecurityLevel::Baseline,
             cluster_cidrs: Vec::new(),
+            dns: DnsDefaults::default(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The injection engine: a pure function from (pod, TailscaleNode, cluster facts) to the injected
 //! pod, or the reason nothing was done. No I/O, no clock; the webhook and `tailnode inject` call it.
 
+pub mod dns;
 mod env;
 mod facts;
 pub mod forwarding;
@@ -9,7 +10,9 @@ mod optin;
 mod serve;
 mod sidecar;
 
-pub use facts::{ClusterFacts, DEFAULT_IMAGE, OperatorDefaults, PodSecurityLevel, WorkloadKind};
+pub use facts::{
+    ClusterFacts, DEFAULT_CLUSTER_DOMAIN, DEFAULT_IMAGE, DnsDefaults, OperatorDefaults, PodSecurityLevel, WorkloadKind,
+};
 pub use hostname::{MAX_HOSTNAME, bound_label};
 pub use optin::{INJECT_LABEL, Membership, membership};
 pub use serve::{ServeConfig, render_serve_config};
@@ -86,6 +89,19 @@ pub enum InjectError {
     /// A volume or container the engine adds already exists under that name.
     #[error("pod already has a {what} named '{name}', which tailnode needs for its sidecar; rename it")]
     NameTaken { what: &'static str, name: String },
+    /// MagicDNS replaces the pod's DNS settings, which the pod chose itself.
+    #[error(
+        "TailscaleNode {node} turns on dns.magicDNS, which sets the pod's dnsPolicy to None with tailnode's resolver, but the pod sets dnsPolicy: {policy}; remove it (the resolver forwards every non-tailnet name to the cluster DNS, and a dnsConfig of the pod is merged in) or turn dns.magicDNS off"
+    )]
+    DnsPolicy { node: String, policy: String },
+    /// MagicDNS needs operator settings that are missing.
+    #[error("TailscaleNode {node} turns on dns.magicDNS, but the operator was started without {missing}")]
+    DnsUnconfigured { node: String, missing: &'static str },
+    /// The pod keeps non-root processes off port 53, where the resolver listens.
+    #[error(
+        "TailscaleNode {node} turns on dns.magicDNS, whose resolver listens on 127.0.0.1:53 without privileges, but the pod sets net.ipv4.ip_unprivileged_port_start={value}; use 53 or lower, or remove it"
+    )]
+    DnsPortSysctl { node: String, value: String },
     /// A native sidecar was demanded where the cluster cannot run one.
     #[error(
         "TailscaleNode {node} sets sidecar.nativeSidecar: always, but this cluster does not support native sidecars (Kubernetes 1.29+)"
@@ -175,6 +191,9 @@ fn inject(
     let isolate = node.spec.sidecar.as_ref().is_some_and(|s| s.isolate_credentials);
     if isolate && spec.share_process_namespace == Some(true) {
         return Err(InjectError::SharedProcessNamespace { node: node_name });
+    }
+    if dns::wanted(&node.spec) {
+        dns::check(&node_name, &spec, facts)?;
     }
     let mode = effective_mode(&node_name, &node.spec, facts)?;
     let native = match node.spec.sidecar.as_ref().map(|s| s.native_sidecar).unwrap_or_default() {
@@ -361,6 +380,11 @@ pub fn spec_hash(spec: &TailscaleNodeSpec, facts: &ClusterFacts, mode: Effective
     h.update(serde_json::to_vec(&facts.defaults).unwrap_or_default());
     h.update(mode.as_str().as_bytes());
     h.update([u8::from(native)]);
+    // Only pods that use them depend on the DNS settings (other pods' hashes stay as they were).
+    if dns::wanted(spec) {
+        h.update(serde_json::to_vec(&facts.defaults.dns).unwrap_or_default());
+        h.update(facts.namespace.as_deref().unwrap_or_default().as_bytes());
+    }
     let digest = h.finalize();
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }

@@ -36,7 +36,8 @@ pub const SERVE_FILE: &str = "serve.json";
 /// Default port of containerboot's health endpoint.
 pub const DEFAULT_HEALTH_PORT: i32 = 9002;
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-const NON_ROOT_UID: i64 = 1000;
+/// The uid of a userspace sidecar (and of the MagicDNS resolver next to it).
+pub(super) const NON_ROOT_UID: i64 = 1000;
 
 /// Everything the builder needs, resolved by the engine.
 pub(super) struct Plan<'a> {
@@ -77,10 +78,34 @@ pub(super) fn add(spec: &mut PodSpec, plan: &Plan<'_>) -> Result<(), InjectError
             });
         }
     }
+    let resolver =
+        super::dns::wanted(plan.spec).then(|| super::dns::container(plan.facts, plan.mode, plan.native, VOL_TMP));
+    if let Some(r) = &resolver
+        && spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .any(|c| c.name == r.name)
+    {
+        return Err(InjectError::NameTaken {
+            what: "container",
+            name: r.name.clone(),
+        });
+    }
     if plan.native {
-        spec.init_containers.get_or_insert_with(Vec::new).insert(0, container);
+        let inits = spec.init_containers.get_or_insert_with(Vec::new);
+        inits.insert(0, container);
+        // Before the sidecar: tailscaled resolves its control server's name through it.
+        if let Some(r) = resolver {
+            inits.insert(0, r);
+        }
     } else {
         spec.containers.push(container);
+        spec.containers.extend(resolver);
+    }
+    if super::dns::wanted(plan.spec) {
+        super::dns::configure_pod(spec, plan.facts);
     }
     // First of all: the pod's network namespace is set before tailscaled starts routing.
     if let Some(ranges) = super::forwarding::local_ranges(plan.spec, plan.mode, &plan.facts.defaults.cluster_cidrs) {

@@ -141,15 +141,16 @@ fn inject_document(
     } else {
         WorkloadKind::Other
     };
-    let facts = ClusterFacts {
-        workload,
-        ..facts.clone()
-    };
     let namespace = doc
         .get("metadata")
         .and_then(|m| m.get("namespace"))
         .and_then(Value::as_str)
         .map(str::to_string);
+    let facts = ClusterFacts {
+        workload,
+        namespace: namespace.clone().or_else(|| facts.namespace.clone()),
+        ..facts.clone()
+    };
     if kind == "List" || kind.ends_with("List") {
         if let Some(items) = doc.get_mut("items").and_then(Value::as_sequence_mut) {
             for (j, item) in items.iter_mut().enumerate() {

@@ -142,6 +142,7 @@ fn decide<T: Resource>(
         workload: WorkloadKind::Other,
         defaults: state.defaults.clone(),
         api_server_host: state.api_server_host.clone(),
+        namespace: Some(ns.clone()),
     };
     // A pod opted in by its namespace is injected as if it carried the label, and gets it: the
     // controller finds its replicas by that label.

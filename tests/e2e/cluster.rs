@@ -47,6 +47,8 @@ pub struct Cluster {
     /// The cluster's pod and service CIDRs (`TAILNODE_E2E_CLUSTER_CIDRS`), for the chart's
     /// `clusterCIDRs`.
     pub cluster_cidrs: Vec<String>,
+    /// The cluster DNS (`TAILNODE_E2E_CLUSTER_DNS`), for the chart's `clusterDNS`.
+    pub cluster_dns: Vec<String>,
 }
 
 fn var(vars: &BTreeMap<String, String>, key: &str) -> String {
@@ -88,6 +90,14 @@ impl Cluster {
             cluster_cidrs: std::env::var("TAILNODE_E2E_CLUSTER_CIDRS")
                 .ok()
                 .or_else(|| vars.get("TAILNODE_E2E_CLUSTER_CIDRS").cloned())
+                .unwrap_or_default()
+                .split(',')
+                .filter(|c| !c.is_empty())
+                .map(str::to_string)
+                .collect(),
+            cluster_dns: std::env::var("TAILNODE_E2E_CLUSTER_DNS")
+                .ok()
+                .or_else(|| vars.get("TAILNODE_E2E_CLUSTER_DNS").cloned())
                 .unwrap_or_default()
                 .split(',')
                 .filter(|c| !c.is_empty())

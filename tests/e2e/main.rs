@@ -14,6 +14,7 @@ mod support;
 
 mod blast;
 mod cluster;
+mod dns;
 mod faults;
 mod node;
 mod outage;
@@ -90,6 +91,9 @@ const LOCAL: &[(&str, Scenario)] = &[
     }),
     ("exit_node_keeps_the_cluster_reachable", |c| {
         Box::pin(routes::exit_node_keeps_the_cluster_reachable(c))
+    }),
+    ("magicdns_resolves_tailnet_and_cluster_names_in_app_containers", |c| {
+        Box::pin(dns::magicdns_in_app_containers(c))
     }),
 ];
 

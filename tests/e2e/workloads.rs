@@ -58,9 +58,11 @@ pub async fn upgrade_operator(c: &Cluster, extra: &[&str]) {
         "slotGracePeriod=20s".into(),
     ];
     let cidrs = format!("clusterCIDRs={{{}}}", c.cluster_cidrs.join(","));
+    let dns = format!("clusterDNS={{{}}}", c.cluster_dns.join(","));
     let sets: Vec<String> = sets
         .into_iter()
         .chain((!c.cluster_cidrs.is_empty()).then_some(cidrs))
+        .chain((!c.cluster_dns.is_empty()).then_some(dns))
         .collect();
     let mut args = vec![
         "upgrade".to_string(),
