@@ -206,6 +206,7 @@ pub fn status(
         replicas,
         hostnames,
         addresses,
+        injection: None,
     }
 }
 

@@ -17,6 +17,7 @@ mod cluster;
 mod faults;
 mod node;
 mod outage;
+mod policy;
 mod prefs;
 mod reset;
 mod routes;
@@ -60,6 +61,9 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     }),
     ("reset_on_demand_gives_a_replica_a_new_device", |c| {
         Box::pin(reset::reset_gives_a_new_device(c))
+    }),
+    ("policy_mode_stores_the_same_pods_as_the_webhook", |c| {
+        Box::pin(policy::policy_matches_webhook(c))
     }),
     (
         "slots_keep_a_deployment_s_devices_across_replacements_and_rollouts",

@@ -56,6 +56,12 @@ pub async fn upgrade_operator(c: &Cluster, extra: &[&str]) {
         format!("credentials.headscaleURL={}", c.headscale_in_cluster),
         // A slot without a pod is retired soon (tests/e2e/slots.rs waits for it).
         "slotGracePeriod=20s".into(),
+        // Policy mode beside the webhook (tests/e2e/policy.rs): the controller renders
+        // status.injection, and namespaces labelled for the policy are not the webhook's.
+        "policy.renderStatus=true".into(),
+        "webhook.namespaceSelector.matchExpressions[0].key=tailnode.dev/injector".into(),
+        "webhook.namespaceSelector.matchExpressions[0].operator=NotIn".into(),
+        "webhook.namespaceSelector.matchExpressions[0].values[0]=policy".into(),
     ];
     let cidrs = format!("clusterCIDRs={{{}}}", c.cluster_cidrs.join(","));
     let sets: Vec<String> = sets
