@@ -231,6 +231,34 @@ fn chart_renders_self_managed_and_cert_manager_variants() {
     assert_eq!(find(&docs, "Service").len(), 2, "webhook and metrics Services");
 }
 
+/// `injector: policy`: the policy objects, no MutatingWebhookConfiguration, an operator without
+/// its webhook that renders `status.injection`; `policy.renderStatus` alone only adds the flag.
+#[test]
+fn chart_renders_policy_mode() {
+    let h = harness();
+    let docs = render(h, "tailnode-system", &["--set", "injector=policy"]);
+    assert!(find(&docs, "MutatingWebhookConfiguration").is_empty());
+    let map = one(&docs, "MutatingAdmissionPolicy");
+    assert_eq!(map["spec"]["paramKind"]["kind"], "TailscaleNode");
+    assert_eq!(map["spec"]["mutations"].as_array().map(Vec::len), Some(3));
+    let binding = one(&docs, "MutatingAdmissionPolicyBinding");
+    assert_eq!(binding["spec"]["paramRef"]["parameterNotFoundAction"], "Allow");
+    assert_eq!(
+        binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]["values"],
+        json!(["tailnode-system", "kube-system"])
+    );
+    let refusals = find(&docs, "ValidatingAdmissionPolicy");
+    assert!(refusals.iter().any(|p| p["metadata"]["name"] == "tailnode-inject"));
+    let run = parse_run_args(&container_args(one(&docs, "Deployment")));
+    assert!(!run.webhook && run.policy_injection && run.controller);
+
+    let docs = render(h, "tailnode-system", &["--set", "policy.renderStatus=true"]);
+    assert!(find(&docs, "MutatingAdmissionPolicy").is_empty());
+    one(&docs, "MutatingWebhookConfiguration");
+    let run = parse_run_args(&container_args(one(&docs, "Deployment")));
+    assert!(run.webhook && run.policy_injection);
+}
+
 /// config/ (kustomize) is the chart rendered as release `tailnode` in `tailnode-system`, minus
 /// Helm's labels: the same RBAC, webhook, flags and pod security.
 #[test]
@@ -316,6 +344,7 @@ fn chart_rejects_invalid_values() {
         "credentials.kind=vault",
         "webhook.failurePolicy=Sometimes",
         "logFormat=xml",
+        "injector=sidecar",
         "credentials.kind=headscale",
         "notAValue=1",
     ] {
