@@ -259,6 +259,46 @@ fn chart_renders_policy_mode() {
     assert!(run.webhook && run.policy_injection);
 }
 
+/// config/policy (kustomize) is the chart rendered with `injector: policy`: the same injection
+/// policies and bindings, the same operator args, no MutatingWebhookConfiguration.
+#[test]
+fn kustomize_policy_mode_matches_the_chart() {
+    let h = harness();
+    let dir = repo_root().join("config/policy");
+    let (ok, out, err) = h.run("kubectl", &["kustomize", path_str(&dir)], None);
+    assert!(ok, "kubectl kustomize config/policy: {err}");
+    let k = parse_docs(&out);
+    let c = render(h, "tailnode-system", &["--set", "injector=policy"]);
+    assert!(find(&k, "MutatingWebhookConfiguration").is_empty());
+    let named = |docs: &[Value], kind: &str| {
+        find(docs, kind)
+            .into_iter()
+            .find(|p| p["metadata"]["name"] == "tailnode-inject")
+            .map(|p| p["spec"].clone())
+    };
+    for kind in [
+        "MutatingAdmissionPolicy",
+        "MutatingAdmissionPolicyBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ] {
+        assert!(
+            named(&k, kind).is_some(),
+            "{kind} tailnode-inject missing in config/policy"
+        );
+        assert_eq!(
+            named(&k, kind),
+            named(&c, kind),
+            "{kind}: config/policy differs from the chart"
+        );
+    }
+    assert_eq!(
+        container_args(one(&k, "Deployment")),
+        container_args(one(&c, "Deployment")),
+        "operator args: config/policy differs from the chart"
+    );
+}
+
 /// config/ (kustomize) is the chart rendered as release `tailnode` in `tailnode-system`, minus
 /// Helm's labels: the same RBAC, webhook, flags and pod security.
 #[test]
