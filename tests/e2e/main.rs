@@ -18,6 +18,7 @@ mod faults;
 mod node;
 mod outage;
 mod policy;
+mod policy_cases;
 mod prefs;
 mod reset;
 mod routes;
