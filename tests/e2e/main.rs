@@ -74,6 +74,9 @@ const SCENARIOS: &[(&str, Scenario)] = &[
 
 /// Scenarios that run one at a time after the others (they disturb the shared operator).
 const ALONE: &[(&str, Scenario)] = &[
+    ("policy_mode_alone_injects_with_no_webhook_and_pods_join", |c| {
+        Box::pin(policy::policy_mode_alone(c))
+    }),
     ("controller_outage_keeps_pods_gated_until_it_returns", |c| {
         Box::pin(outage::controller_outage(c))
     }),

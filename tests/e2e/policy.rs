@@ -10,6 +10,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use serde::Deserialize as _;
@@ -409,4 +410,34 @@ pub async fn policy_matches_webhook(c: Cluster) {
         mismatches.len(),
         mismatches.join("\n")
     );
+}
+
+/// The chart installed with `injector: policy` alone: no MutatingWebhookConfiguration, the
+/// operator without its webhook, and a Deployment's pod injected by the apiserver joins the
+/// tailnet; then back to the webhook for the scenarios after this one.
+pub async fn policy_mode_alone(c: Cluster) {
+    crate::workloads::upgrade_operator(&c, &["injector=policy"]).await;
+    let hooks = kube::Api::<MutatingWebhookConfiguration>::all(c.client().await);
+    let hook = hooks.get_opt(crate::workloads::RELEASE).await.unwrap();
+    assert!(hook.is_none(), "policy mode renders no MutatingWebhookConfiguration");
+    let ns = Ns::new(&c, "polonly", json!({})).await;
+    crate::workloads::node(&ns, "web", json!({"tags": ["tag:k8s"]})).await;
+    let api = ns.api::<TailscaleNode>();
+    let rendered = support::eventually(WAIT, || async {
+        api.get("web").await.ok()?.status?.injection.map(|_| ())
+    })
+    .await;
+    assert!(rendered.is_some(), "TailscaleNode web never got status.injection");
+    crate::workloads::deployment(&c, &ns, "web", "web", "default", "policy").await;
+    let pod = ns.ready_pod("web").await;
+    assert!(support::has_sidecar(&pod), "the policy injected the sidecar");
+    let secret = format!("ts-{}", kube::ResourceExt::name_any(&pod));
+    let s = ns.secret_where(&secret, |s| !crate::cluster::ips(s).is_empty()).await;
+    eprintln!(
+        "policy mode: pod {} joined the tailnet with {:?}",
+        kube::ResourceExt::name_any(&pod),
+        crate::cluster::ips(&s)
+    );
+    ns.delete().await;
+    crate::workloads::upgrade_operator(&c, &[]).await;
 }
