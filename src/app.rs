@@ -20,7 +20,7 @@ use crate::controller::credentials::{CredentialCache, DefaultCredentials};
 use crate::controller::election::Timings;
 use crate::controller::fence::Fence;
 use crate::controller::leader::{LeaseConfig, run_as_leader};
-use crate::inject::ClusterFacts;
+use crate::inject::{ClusterFacts, PodSecurityLevel, WorkloadKind};
 use crate::metrics::Metrics;
 use crate::tsapi::ResolvedCredentials;
 use crate::webhook::{WebhookState, supports_native_sidecars};
@@ -266,11 +266,30 @@ pub async fn run_operator(a: RunArgs, client: Client, shutdown: CancellationToke
         });
     }
 
+    // Policy mode renders sidecars as the webhook would: native where the apiserver runs them.
+    let native_sidecars = if a.controller && a.policy_injection {
+        let version = client
+            .apiserver_version()
+            .await
+            .context("reading the apiserver version")?;
+        Some(supports_native_sidecars(&version.major, &version.minor))
+    } else {
+        None
+    };
     if a.controller {
         let ready = readiness.register("controller");
         let config = crate::controller::Config {
             key_ttl: Duration::from_secs(a.key_ttl_seconds),
             slot_grace: a.slot_grace,
+            policy_injection: a.policy_injection.then(|| ClusterFacts {
+                native_sidecars: native_sidecars.unwrap_or(true),
+                pod_security: PodSecurityLevel::default(),
+                workload: WorkloadKind::Other,
+                defaults: a.operator_defaults(),
+                api_server_host: a.api_server_host.clone().filter(|h| !h.is_empty()),
+                // Each node's own (`inject::policy::render`).
+                namespace: None,
+            }),
             default_credentials: default_credentials(&a),
         };
         let (client, metrics, stop) = (client.clone(), metrics.clone(), shutdown.clone());

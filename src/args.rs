@@ -133,6 +133,10 @@ pub struct RunArgs {
     /// both are deleted; a pod that comes back within it rejoins as the same device.
     #[arg(long, env = "TAILNODE_SLOT_GRACE", default_value = "10m", value_parser = parse_duration)]
     pub slot_grace: Duration,
+    /// Write into each TailscaleNode's `status.injection` what the chart's
+    /// MutatingAdmissionPolicy copies into its pods (`injector: policy`).
+    #[arg(long, env = "TAILNODE_POLICY_INJECTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub policy_injection: bool,
     /// Kind of the operator-wide default credentials.
     #[arg(long, env = "TAILNODE_DEFAULT_CREDENTIALS", value_enum)]
     pub default_credentials: Option<CredentialKind>,

@@ -28,6 +28,17 @@ pub struct TailscaleNodeStatus {
     /// The registered replicas' first tailnet IPs, the first few and a count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addresses: Option<String>,
+    /// What the chart's MutatingAdmissionPolicy adds to this node's pods (`injector: policy`):
+    /// the engine's output for every variant, written only when the operator runs with
+    /// `--policy-injection`. Machine-readable; see `inject::policy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserve_unknown_object")]
+    pub injection: Option<serde_json::Value>,
+}
+
+/// An object whose fields the apiserver keeps as written.
+fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
 }
 
 /// Status of one replica.

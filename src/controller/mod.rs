@@ -122,6 +122,9 @@ pub struct Config {
     pub key_ttl: Duration,
     /// How long a slot (`replicaIdentity: slots`) without a pod keeps its device.
     pub slot_grace: Duration,
+    /// The cluster facts `status.injection` is rendered with (`--policy-injection`); `None`: no
+    /// `status.injection`.
+    pub policy_injection: Option<crate::inject::ClusterFacts>,
     /// Operator-wide default credentials.
     pub default_credentials: Option<DefaultCredentials>,
 }

@@ -349,13 +349,21 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
             Err(e) => warn!(pod, error = %e, "annotating pod with its tailnet address failed"),
         }
     }
-    let st = status::status(
+    if ctx.config.policy_injection.is_some() {
+        findings.policy_unsupported = crate::inject::policy::unsupported(&node.spec);
+    }
+    let mut st = status::status(
         node.status.as_ref(),
         node.metadata.generation,
         replicas,
         &findings,
         Utc::now(),
     );
+    st.injection = ctx
+        .config
+        .policy_injection
+        .as_ref()
+        .and_then(|facts| serde_json::to_value(crate::inject::policy::render(&node, facts)).ok());
     if node.status.as_ref() != Some(&st) {
         // Server-side apply with the operator's one field manager: the status is tailnode's.
         let patch = json!({"apiVersion": "tailnode.dev/v1alpha1", "kind": "TailscaleNode", "status": st});

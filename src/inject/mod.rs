@@ -7,6 +7,7 @@ mod facts;
 pub mod forwarding;
 mod hostname;
 mod optin;
+pub mod policy;
 mod serve;
 mod sidecar;
 

@@ -18,6 +18,8 @@ mod dns;
 mod faults;
 mod node;
 mod outage;
+mod policy;
+mod policy_cases;
 mod prefs;
 mod reset;
 mod routes;
@@ -62,6 +64,9 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("reset_on_demand_gives_a_replica_a_new_device", |c| {
         Box::pin(reset::reset_gives_a_new_device(c))
     }),
+    ("policy_mode_stores_the_same_pods_as_the_webhook", |c| {
+        Box::pin(policy::policy_matches_webhook(c))
+    }),
     (
         "slots_keep_a_deployment_s_devices_across_replacements_and_rollouts",
         |c| Box::pin(slots::slots_keep_a_deployment_s_devices(c)),
@@ -70,6 +75,9 @@ const SCENARIOS: &[(&str, Scenario)] = &[
 
 /// Scenarios that run one at a time after the others (they disturb the shared operator).
 const ALONE: &[(&str, Scenario)] = &[
+    ("policy_mode_alone_injects_with_no_webhook_and_pods_join", |c| {
+        Box::pin(policy::policy_mode_alone(c))
+    }),
     ("controller_outage_keeps_pods_gated_until_it_returns", |c| {
         Box::pin(outage::controller_outage(c))
     }),

@@ -56,6 +56,12 @@ pub async fn upgrade_operator(c: &Cluster, extra: &[&str]) {
         format!("credentials.headscaleURL={}", c.headscale_in_cluster),
         // A slot without a pod is retired soon (tests/e2e/slots.rs waits for it).
         "slotGracePeriod=20s".into(),
+        // Policy mode beside the webhook (tests/e2e/policy.rs): the controller renders
+        // status.injection, and namespaces labelled for the policy are not the webhook's.
+        "policy.renderStatus=true".into(),
+        "webhook.namespaceSelector.matchExpressions[0].key=tailnode.dev/injector".into(),
+        "webhook.namespaceSelector.matchExpressions[0].operator=NotIn".into(),
+        "webhook.namespaceSelector.matchExpressions[0].values[0]=policy".into(),
     ];
     let cidrs = format!("clusterCIDRs={{{}}}", c.cluster_cidrs.join(","));
     let dns = format!("clusterDNS={{{}}}", c.cluster_dns.join(","));
@@ -100,8 +106,12 @@ pub async fn upgrade_operator(c: &Cluster, extra: &[&str]) {
     )
     .expect("pod");
     let hooks = Api::<MutatingWebhookConfiguration>::all(client);
+    // Policy mode has no webhook: the apiserver's own policy injects the probe.
+    let policy = extra.contains(&"injector=policy");
     let injected = support::eventually(WAIT, || async {
-        hooks.get(RELEASE).await.ok()?;
+        if !policy {
+            hooks.get(RELEASE).await.ok()?;
+        }
         let pp = PostParams {
             dry_run: true,
             ..Default::default()
@@ -113,7 +123,7 @@ pub async fn upgrade_operator(c: &Cluster, extra: &[&str]) {
     })
     .await;
     probe.delete().await;
-    assert!(injected.is_some(), "the chart's webhook never injected a pod");
+    assert!(injected.is_some(), "the chart's injector never injected a pod");
 }
 
 /// Deletes every scenario namespace (the operator retires their devices), then the release.

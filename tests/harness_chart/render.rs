@@ -231,6 +231,74 @@ fn chart_renders_self_managed_and_cert_manager_variants() {
     assert_eq!(find(&docs, "Service").len(), 2, "webhook and metrics Services");
 }
 
+/// `injector: policy`: the policy objects, no MutatingWebhookConfiguration, an operator without
+/// its webhook that renders `status.injection`; `policy.renderStatus` alone only adds the flag.
+#[test]
+fn chart_renders_policy_mode() {
+    let h = harness();
+    let docs = render(h, "tailnode-system", &["--set", "injector=policy"]);
+    assert!(find(&docs, "MutatingWebhookConfiguration").is_empty());
+    let map = one(&docs, "MutatingAdmissionPolicy");
+    assert_eq!(map["spec"]["paramKind"]["kind"], "TailscaleNode");
+    assert_eq!(map["spec"]["mutations"].as_array().map(Vec::len), Some(3));
+    let binding = one(&docs, "MutatingAdmissionPolicyBinding");
+    assert_eq!(binding["spec"]["paramRef"]["parameterNotFoundAction"], "Allow");
+    assert_eq!(
+        binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]["values"],
+        json!(["tailnode-system", "kube-system"])
+    );
+    let refusals = find(&docs, "ValidatingAdmissionPolicy");
+    assert!(refusals.iter().any(|p| p["metadata"]["name"] == "tailnode-inject"));
+    let run = parse_run_args(&container_args(one(&docs, "Deployment")));
+    assert!(!run.webhook && run.policy_injection && run.controller);
+
+    let docs = render(h, "tailnode-system", &["--set", "policy.renderStatus=true"]);
+    assert!(find(&docs, "MutatingAdmissionPolicy").is_empty());
+    one(&docs, "MutatingWebhookConfiguration");
+    let run = parse_run_args(&container_args(one(&docs, "Deployment")));
+    assert!(run.webhook && run.policy_injection);
+}
+
+/// config/policy (kustomize) is the chart rendered with `injector: policy`: the same injection
+/// policies and bindings, the same operator args, no MutatingWebhookConfiguration.
+#[test]
+fn kustomize_policy_mode_matches_the_chart() {
+    let h = harness();
+    let dir = repo_root().join("config/policy");
+    let (ok, out, err) = h.run("kubectl", &["kustomize", path_str(&dir)], None);
+    assert!(ok, "kubectl kustomize config/policy: {err}");
+    let k = parse_docs(&out);
+    let c = render(h, "tailnode-system", &["--set", "injector=policy"]);
+    assert!(find(&k, "MutatingWebhookConfiguration").is_empty());
+    let named = |docs: &[Value], kind: &str| {
+        find(docs, kind)
+            .into_iter()
+            .find(|p| p["metadata"]["name"] == "tailnode-inject")
+            .map(|p| p["spec"].clone())
+    };
+    for kind in [
+        "MutatingAdmissionPolicy",
+        "MutatingAdmissionPolicyBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ] {
+        assert!(
+            named(&k, kind).is_some(),
+            "{kind} tailnode-inject missing in config/policy"
+        );
+        assert_eq!(
+            named(&k, kind),
+            named(&c, kind),
+            "{kind}: config/policy differs from the chart"
+        );
+    }
+    assert_eq!(
+        container_args(one(&k, "Deployment")),
+        container_args(one(&c, "Deployment")),
+        "operator args: config/policy differs from the chart"
+    );
+}
+
 /// config/ (kustomize) is the chart rendered as release `tailnode` in `tailnode-system`, minus
 /// Helm's labels: the same RBAC, webhook, flags and pod security.
 #[test]
@@ -316,6 +384,7 @@ fn chart_rejects_invalid_values() {
         "credentials.kind=vault",
         "webhook.failurePolicy=Sometimes",
         "logFormat=xml",
+        "injector=sidecar",
         "credentials.kind=headscale",
         "notAValue=1",
     ] {
