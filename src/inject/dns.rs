@@ -18,8 +18,7 @@
 //! one of the safe sysctls PodSecurity `restricted` admits.
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, PodDNSConfig, PodDNSConfigOption, PodSecurityContext, PodSpec, ResourceRequirements,
-    SeccompProfile, SecurityContext, Sysctl,
+    Container, PodDNSConfig, PodDNSConfigOption, PodSecurityContext, PodSpec, ResourceRequirements, Sysctl,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
@@ -161,22 +160,7 @@ pub fn container(facts: &ClusterFacts, mode: EffectiveMode, native: bool, volume
             format!("--upstream={}", dns.cluster_dns.join(",")),
             format!("--socket={SOCKET_DIR}/tailscaled.sock"),
         ]),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(uid != 0),
-            run_as_user: Some(uid),
-            run_as_group: Some(uid),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                localhost_profile: None,
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(super::sidecar::locked_down(uid)),
         resources: Some(ResourceRequirements {
             requests: Some([("cpu".to_string(), q("5m")), ("memory".to_string(), q("8Mi"))].into()),
             limits: Some([("memory".to_string(), q("64Mi"))].into()),

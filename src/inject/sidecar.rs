@@ -379,25 +379,31 @@ fn env_vars(plan: &Plan<'_>, health_port: i32, extra: Vec<EnvVar>) -> Vec<EnvVar
     env
 }
 
+/// Runs as `uid` (and its group) with no privilege escalation, a read-only root, no capabilities
+/// and the runtime's default seccomp profile: PodSecurity `restricted` for a non-root `uid`.
+pub(super) fn locked_down(uid: i64) -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(uid != 0),
+        run_as_user: Some(uid),
+        run_as_group: Some(uid),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    }
+}
+
 fn security_context(mode: EffectiveMode, privileged: bool) -> SecurityContext {
     match mode {
         // Passes PodSecurity `restricted`.
-        EffectiveMode::Userspace => SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(NON_ROOT_UID),
-            run_as_group: Some(NON_ROOT_UID),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                localhost_profile: None,
-            }),
-            ..Default::default()
-        },
+        EffectiveMode::Userspace => locked_down(NON_ROOT_UID),
         // Kernel networking: root with NET_ADMIN (routes, netfilter) and NET_RAW.
         EffectiveMode::Tun => SecurityContext {
             run_as_non_root: Some(false),
