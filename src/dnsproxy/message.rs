@@ -53,6 +53,29 @@ fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]))
 }
 
+/// The labels of the name of a message's one question (exactly one, uncompressed), and the
+/// offset right after the name.
+fn question_name(buf: &[u8]) -> Result<(Vec<&[u8]>, usize), MessageError> {
+    if u16_at(buf, 4) != Some(1) {
+        return Err(MessageError::Malformed);
+    }
+    let mut at = HEADER;
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*buf.get(at).ok_or(MessageError::Malformed)?);
+        at += 1;
+        if len == 0 {
+            return Ok((labels, at));
+        }
+        // Compression pointers (0xc0) and the reserved label types have no place in a question.
+        if len > 63 {
+            return Err(MessageError::Malformed);
+        }
+        labels.push(buf.get(at..at + len).ok_or(MessageError::Malformed)?);
+        at += len;
+    }
+}
+
 /// Parses a query: header, exactly one uncompressed question. The rest (EDNS records) is left alone.
 pub fn parse_query(buf: &[u8]) -> Result<Query, MessageError> {
     if buf.len() < HEADER {
@@ -64,27 +87,13 @@ pub fn parse_query(buf: &[u8]) -> Result<Query, MessageError> {
     if qr || opcode != 0 {
         return Err(MessageError::NotAQuery);
     }
-    if u16_at(buf, 4) != Some(1) {
-        return Err(MessageError::Malformed);
-    }
-    let mut at = HEADER;
-    let mut labels: Vec<String> = Vec::new();
-    loop {
-        let len = usize::from(*buf.get(at).ok_or(MessageError::Malformed)?);
-        at += 1;
-        if len == 0 {
-            break;
-        }
-        // Compression pointers (0xc0) and the reserved label types have no place in a question.
-        if len > 63 {
-            return Err(MessageError::Malformed);
-        }
-        let label = buf.get(at..at + len).ok_or(MessageError::Malformed)?;
+    let (raw, at) = question_name(buf)?;
+    let mut labels: Vec<String> = Vec::with_capacity(raw.len());
+    for label in raw {
         if label.iter().any(|b| *b == b'.' || !b.is_ascii_graphic()) {
             return Err(MessageError::Malformed);
         }
         labels.push(String::from_utf8_lossy(label).to_ascii_lowercase());
-        at += len;
     }
     let qtype = u16_at(buf, at).ok_or(MessageError::Malformed)?;
     let qclass = u16_at(buf, at + 2).ok_or(MessageError::Malformed)?;
@@ -166,21 +175,7 @@ pub fn adopt_answer(query_buf: &[u8], query: &Query, answer: &[u8]) -> Option<Ve
 
 /// Where the one question of a response sits (responses carry the same question section as queries).
 fn parse_question_range(buf: &[u8]) -> Result<Range<usize>, MessageError> {
-    if u16_at(buf, 4) != Some(1) {
-        return Err(MessageError::Malformed);
-    }
-    let mut at = HEADER;
-    loop {
-        let len = usize::from(*buf.get(at).ok_or(MessageError::Malformed)?);
-        at += 1;
-        if len == 0 {
-            break;
-        }
-        if len > 63 {
-            return Err(MessageError::Malformed);
-        }
-        at += len;
-    }
+    let (_, at) = question_name(buf)?;
     if at + 4 > buf.len() {
         return Err(MessageError::Malformed);
     }
