@@ -349,9 +349,6 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
             Err(e) => warn!(pod, error = %e, "annotating pod with its tailnet address failed"),
         }
     }
-    if ctx.config.policy_injection.is_some() {
-        findings.policy_unsupported = crate::inject::policy::unsupported(&node.spec);
-    }
     let mut st = status::status(
         node.status.as_ref(),
         node.metadata.generation,

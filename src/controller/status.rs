@@ -37,8 +37,6 @@ pub struct Findings {
     pub restart_needed: Vec<String>,
     /// The longest `Retry-After` an API asked for in this reconcile.
     pub hold_off: Option<Duration>,
-    /// The node's features that policy mode (`injector: policy`) cannot express, by field.
-    pub policy_unsupported: Vec<&'static str>,
 }
 
 impl Findings {
@@ -210,22 +208,7 @@ pub fn status(
         .collect();
     let hostnames = summary(registered.iter().filter_map(|r| r.hostname.clone()).collect());
     let addresses = summary(registered.iter().filter_map(|r| r.ips.first().cloned()).collect());
-    let mut conditions = vec![ready_cond, creds, degraded, restart];
-    if !findings.policy_unsupported.is_empty() {
-        let fields = findings.policy_unsupported.join(", ");
-        let message = format!(
-            "policy mode (injector: policy) cannot express {fields}: its pods are refused there; use injector: webhook for this TailscaleNode's namespace"
-        );
-        conditions.push(condition(
-            prev,
-            "PolicyModeUnsupported",
-            true,
-            "UnsupportedFeature",
-            message,
-            generation,
-            now,
-        ));
-    }
+    let conditions = vec![ready_cond, creds, degraded, restart];
     TailscaleNodeStatus {
         observed_generation: generation,
         conditions,

@@ -382,9 +382,10 @@ pub fn spec_hash(spec: &TailscaleNodeSpec, facts: &ClusterFacts, mode: Effective
     h.update(mode.as_str().as_bytes());
     h.update([u8::from(native)]);
     // Only pods that use them depend on the DNS settings (other pods' hashes stay as they were).
+    // The search list also names the pod's namespace, which no pod ever changes: it is left out,
+    // so the policy's render (per node) and the webhook (per pod) agree.
     if dns::wanted(spec) {
         h.update(serde_json::to_vec(&facts.defaults.dns).unwrap_or_default());
-        h.update(facts.namespace.as_deref().unwrap_or_default().as_bytes());
     }
     let digest = h.finalize();
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()

@@ -15,16 +15,18 @@
 //! What depends on the pod itself stays in CEL and is given here as tables: the hostname of a
 //! per-pod identity (`hostnamePrefixes[room]` is [`bound_label`] of the prefix for every room, so
 //! CEL never hashes), the outbound proxy variables (`proxyEnv`), the credentials gate, the token
-//! volumes `isolateCredentials` strips.
+//! volumes `isolateCredentials` strips, and MagicDNS's pod settings (`dns`: the resolver's
+//! `dnsConfig` and sysctl, into which CEL merges the pod's own, and the refusals around the
+//! pod's values).
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Volume};
+use k8s_openapi::api::core::v1::{Container, Pod, PodDNSConfig, PodSpec, Sysctl, Volume};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use serde::Serialize;
 
-use super::{ClusterFacts, MAX_HOSTNAME, Outcome, PodSecurityLevel, bound_label, env, inject_pod};
-use crate::api::{NODE_LABEL, ReplicaIdentity, SIDECAR_NAME, TailscaleNode, TailscaleNodeSpec};
+use super::{ClusterFacts, InjectError, MAX_HOSTNAME, Outcome, PodSecurityLevel, bound_label, dns, env, inject_pod};
+use crate::api::{NODE_LABEL, ReplicaIdentity, SIDECAR_NAME, TailscaleNode};
 
 /// The hostname env var whose value the policy replaces for per-pod identities.
 const HOSTNAME_ENV: &str = "TS_HOSTNAME";
@@ -49,6 +51,9 @@ pub struct PolicyInjection {
     pub hostname_prefixes: Vec<String>,
     /// The outbound proxy variables (`outbound.exportEnv`), empty without.
     pub proxy_env: Vec<ProxyVar>,
+    /// MagicDNS (`spec.dns.magicDNS`): what the policy merges into the pod; absent without.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<PolicyDns>,
     /// Variant key to an index of `renders`.
     pub variants: BTreeMap<String, usize>,
     /// The distinct renders.
@@ -64,6 +69,28 @@ pub struct ProxyVar {
     pub lower: String,
     /// Value.
     pub value: String,
+}
+
+/// What MagicDNS does to the pod itself, as tables: the policy merges the pod's own `dnsConfig`
+/// and sysctls into these the way `dns::configure_pod` does, and refuses what `dns::check`
+/// refuses, with the same messages.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyDns {
+    /// The `dnsConfig` of a pod that brings none: the resolver first, the namespace's search
+    /// list, the default options. The pod's own entries are merged in after these.
+    pub config: PodDNSConfig,
+    /// The sysctl the resolver needs, added unless the pod sets it (to 53 or lower) itself.
+    pub sysctl: Sysctl,
+    /// The refusal of a pod whose `dnsPolicy` is not `ClusterFirst`: the text before and after
+    /// the policy's name.
+    pub policy_refusal: [String; 2],
+    /// The refusal of a pod whose port sysctl is above 53 (or no number): before and after its
+    /// value.
+    pub sysctl_refusal: [String; 2],
+    /// The refusal of every such pod when the operator lacks a setting MagicDNS needs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unconfigured: Option<String>,
 }
 
 /// What one variant adds, or why the engine refuses it.
@@ -96,7 +123,6 @@ pub fn render(node: &TailscaleNode, facts: &ClusterFacts) -> PolicyInjection {
         namespace: node.metadata.namespace.clone(),
         ..facts.clone()
     };
-    let refused = unsupported(spec);
     let isolate = spec.sidecar.as_ref().is_some_and(|s| s.isolate_credentials);
     let slots = spec.replica_identity == ReplicaIdentity::Slots;
     let mut identities = vec![POD, STATEFULSET];
@@ -118,14 +144,7 @@ pub fn render(node: &TailscaleNode, facts: &ClusterFacts) -> PolicyInjection {
                     pod_security: level,
                     ..facts.clone()
                 };
-                let r = if refused.is_empty() {
-                    render_one(node, &facts, identity, *own)
-                } else {
-                    Render {
-                        error: Some(unsupported_message(node, &refused)),
-                        ..Render::default()
-                    }
-                };
+                let r = render_one(node, &facts, identity, *own);
                 let index = match renders.iter().position(|x| *x == r) {
                     Some(i) => i,
                     None => {
@@ -166,10 +185,50 @@ pub fn render(node: &TailscaleNode, facts: &ClusterFacts) -> PolicyInjection {
         native: native(node, facts),
         hostname_prefixes,
         proxy_env,
+        dns: dns::wanted(spec).then(|| policy_dns(node, facts)),
         variants,
         renders,
     }
 }
+
+/// The MagicDNS tables of `node`, from the engine's own functions and messages.
+fn policy_dns(node: &TailscaleNode, facts: &ClusterFacts) -> PolicyDns {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let mut bare = PodSpec::default();
+    dns::configure_pod(&mut bare, facts);
+    let sysctl = bare
+        .security_context
+        .and_then(|s| s.sysctls)
+        .and_then(|s| s.into_iter().find(|s| s.name == dns::PORT_SYSCTL))
+        .unwrap_or_else(|| Sysctl {
+            name: dns::PORT_SYSCTL.into(),
+            value: "53".into(),
+        });
+    let around = |e: InjectError| {
+        let message = format!("tailnode: {e}");
+        let (before, after) = message.split_once(MARK).unwrap_or((&message, ""));
+        [before.to_string(), after.to_string()]
+    };
+    PolicyDns {
+        config: bare.dns_config.unwrap_or_default(),
+        sysctl,
+        policy_refusal: around(InjectError::DnsPolicy {
+            node: name.clone(),
+            policy: MARK.into(),
+        }),
+        sysctl_refusal: around(InjectError::DnsPortSysctl {
+            node: name.clone(),
+            value: MARK.into(),
+        }),
+        // A pod without DNS settings of its own passes every check but the operator's.
+        unconfigured: dns::check(&name, &PodSpec::default(), facts)
+            .err()
+            .map(|e| format!("tailnode: {e}")),
+    }
+}
+
+/// Stands for the pod's value in a refusal split around it.
+const MARK: &str = "\u{1}";
 
 /// Whether the sidecar goes among the init containers (as the engine decides it).
 fn native(node: &TailscaleNode, facts: &ClusterFacts) -> bool {
@@ -182,26 +241,6 @@ fn native(node: &TailscaleNode, facts: &ClusterFacts) -> bool {
 }
 
 /// The canonical pod of one variant, injected by the engine; what it gained is the render.
-/// The fields of `spec` that policy mode cannot express. MagicDNS sets the pod's `dnsPolicy` and
-/// merges its own `dnsConfig` and sysctls into the resolver's: pod-level merges the policy's
-/// JSONPatch does not make (yet).
-pub fn unsupported(spec: &TailscaleNodeSpec) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    if spec.dns.as_ref().is_some_and(|d| d.magic_dns) {
-        out.push("spec.dns.magicDNS");
-    }
-    out
-}
-
-/// The refusal of a pod whose TailscaleNode uses a feature policy mode cannot express.
-fn unsupported_message(node: &TailscaleNode, fields: &[&str]) -> String {
-    format!(
-        "tailnode: TailscaleNode {} sets {}, which policy mode (injector: policy) cannot express; use injector: webhook",
-        node.metadata.name.as_deref().unwrap_or_default(),
-        fields.join(", ")
-    )
-}
-
 fn render_one(node: &TailscaleNode, facts: &ClusterFacts, identity: &str, own: bool) -> Render {
     let name = node.metadata.name.clone().unwrap_or_default();
     let owner = (identity == STATEFULSET).then(|| {
@@ -279,17 +318,58 @@ mod tests {
     }
 
     #[test]
-    fn magic_dns_is_refused_by_name_in_every_variant() {
-        let spec = json!({"dns": {"magicDNS": true}});
-        let r = render(&node(spec.clone()), &ClusterFacts::default());
-        assert!(!r.renders.is_empty());
+    fn magic_dns_is_rendered_with_the_tables_the_policy_merges_and_the_engine_s_refusals() {
+        let mut facts = ClusterFacts::default();
+        facts.defaults.dns = super::super::DnsDefaults {
+            cluster_dns: vec!["10.96.0.10:53".into()],
+            cluster_domain: "cluster.local".into(),
+            proxy_image: Some("tailnode/tailnode:dev".into()),
+        };
+        let magic = node(json!({"dns": {"magicDNS": true}}));
+        let r = render(&magic, &facts);
+        assert!(r.renders.iter().all(|x| x.error.is_none()));
+        let base = &r.renders[r.variants["baseline/pod/false"]];
+        let names: Vec<&str> = base.init_containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["tailscale-dns", "tailscale"]);
+        assert_eq!(base.sidecar_init_index, 1);
+        let d = r.dns.as_ref().expect("MagicDNS tables");
+        assert_eq!(d.config.nameservers.as_deref(), Some(&["127.0.0.1".to_string()][..]));
+        // The search list is the node's namespace's: the policy's pods are in the same one.
+        assert_eq!(d.config.searches.as_ref().unwrap()[0], "apps.svc.cluster.local");
+        assert_eq!(d.sysctl.name, "net.ipv4.ip_unprivileged_port_start");
+        assert_eq!(d.sysctl.value, "53");
+        assert!(d.unconfigured.is_none());
+        // The refusals, joined around the pod's value, are the webhook's own messages.
+        let refused = |spec: serde_json::Value| {
+            let pod: Pod =
+                serde_json::from_value(json!({"metadata": {"name": "p", "labels": {NODE_LABEL: "web"}}, "spec": spec}))
+                    .unwrap();
+            match inject_pod(&pod, &magic, &facts) {
+                Err(e) => format!("tailnode: {e}"),
+                Ok(_) => panic!("the engine injected {spec}"),
+            }
+        };
+        let [a, b] = &d.policy_refusal;
+        assert_eq!(
+            format!("{a}Default{b}"),
+            refused(json!({"dnsPolicy": "Default", "containers": []}))
+        );
+        let [a, b] = &d.sysctl_refusal;
+        let sysctls = json!({"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "1024"}]});
+        assert_eq!(
+            format!("{a}1024{b}"),
+            refused(json!({"securityContext": sysctls, "containers": []}))
+        );
+        // Without the operator's settings every pod is refused, first by the tables.
+        let r = render(&magic, &ClusterFacts::default());
+        let unconfigured = r.dns.and_then(|d| d.unconfigured).expect("the missing flag");
+        assert!(unconfigured.contains("--cluster-dns"));
         assert!(
             r.renders
                 .iter()
-                .all(|x| x.error.as_deref().is_some_and(|e| e.contains("spec.dns.magicDNS")))
+                .all(|x| x.error.as_deref() == Some(unconfigured.as_str()))
         );
-        assert_eq!(unsupported(&node(spec).spec), vec!["spec.dns.magicDNS"]);
-        assert!(unsupported(&node(json!({})).spec).is_empty());
+        assert!(render(&node(json!({})), &facts).dns.is_none());
     }
 
     #[test]

@@ -28,6 +28,11 @@ pub fn edge_nodes() -> Vec<(&'static str, Value)> {
             "regular",
             json!({"sidecar": {"nativeSidecar": "never"}, "outbound": {"socks5Port": 1055, "exportEnv": true}}),
         ),
+        ("dns", json!({"dns": {"magicDNS": true}})),
+        (
+            "dns-regular",
+            json!({"dns": {"magicDNS": true}, "sidecar": {"nativeSidecar": "never"}}),
+        ),
     ]
 }
 
@@ -149,6 +154,54 @@ pub fn edge_pods() -> Vec<(&'static str, Value)> {
                 json!({"name": "p14", "annotations": {"team": "a"}}),
                 json!({"schedulingGates": [{"name": "other"}]}),
             ),
+        ),
+        // MagicDNS: the pod's own DNS settings are merged into the resolver's, or refused.
+        ("dns-plain", pod("dns", json!({"name": "d1"}), json!({}))),
+        (
+            "dns-merges-the-pod-s-own-config-and-sysctls",
+            pod(
+                "dns",
+                json!({"name": "d2"}),
+                json!({"dnsConfig": {"nameservers": ["198.18.0.9", "127.0.0.1"],
+                    "searches": ["corp.internal", "svc.cluster.local", "corp.internal", "lab.internal"],
+                    "options": [{"name": "edns0"}, {"name": "timeout", "value": "2"}]},
+                    "securityContext": {"runAsNonRoot": true,
+                        "sysctls": [{"name": "net.ipv4.ping_group_range", "value": "0 1000"}]}}),
+            ),
+        ),
+        (
+            "dns-keeps-the-pod-s-ndots-and-a-low-port-sysctl",
+            pod(
+                "dns",
+                json!({"name": "d3"}),
+                json!({"dnsPolicy": "ClusterFirstWithHostNet",
+                    "dnsConfig": {"options": [{"name": "ndots", "value": "2"}]},
+                    "securityContext": {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "+0052"}]}}),
+            ),
+        ),
+        (
+            "dns-refuses-dns-policy-default",
+            pod("dns", json!({"name": "d4"}), json!({"dnsPolicy": "Default"})),
+        ),
+        (
+            "dns-refuses-a-higher-port-sysctl",
+            pod(
+                "dns",
+                json!({"name": "d5"}),
+                json!({"securityContext": {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "1024"}]}}),
+            ),
+        ),
+        (
+            "dns-refuses-a-port-sysctl-that-is-no-number",
+            pod(
+                "dns",
+                json!({"name": "d6"}),
+                json!({"securityContext": {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "low"}]}}),
+            ),
+        ),
+        (
+            "dns-regular-sidecar",
+            pod("dns-regular", json!({"generateName": "web-"}), json!({})),
         ),
     ]
 }
