@@ -18,6 +18,7 @@ mod secrets;
 pub mod slots;
 mod slots_io;
 pub mod status;
+pub mod synced;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -201,6 +202,8 @@ pub struct Context {
     pub client: Client,
     /// Pods labelled `tailnode.dev/node`, from a reflector, stripped by `cache::strip_pod`.
     pub pods: Store<Pod>,
+    /// Whether `pods` has synced; many reconciles may wait on it at once.
+    pub pods_synced: synced::Synced,
     /// Namespaces' metadata (is one being deleted?), from a reflector.
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// Event recorder.
@@ -249,6 +252,7 @@ pub async fn run(
     let secrets: Api<PartialObjectMeta<Secret>> = Api::all(client.clone());
     let labelled = watcher::Config::default().labels(NODE_LABEL);
     let (pods, writer) = kube::runtime::reflector::store();
+    let pods_synced = synced::Synced::of(pods.clone());
     let pod_stream = kube::runtime::reflector(writer, watcher(pods_api, labelled.clone()).modify(cache::strip_pod))
         // Deletions too: a deleted pod's device leaves the tailnet without waiting for a requeue.
         .touched_objects();
@@ -272,6 +276,7 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), Reporter::from("tailnode")),
         client,
         pods,
+        pods_synced,
         metrics: metrics.clone(),
         credentials,
         config,

@@ -416,9 +416,10 @@ where
 }
 
 async fn pods_synced(ctx: &Context) -> bool {
-    tokio::time::timeout(Duration::from_secs(30), ctx.pods.wait_until_ready())
+    // Not `ctx.pods.wait_until_ready()`: with several reconciles waiting, it wakes one (`synced`).
+    tokio::time::timeout(Duration::from_secs(30), ctx.pods_synced.wait())
         .await
-        .is_ok_and(|r| r.is_ok())
+        .unwrap_or(false)
 }
 
 /// True when the pod a state Secret belongs to still runs: it exists, is not being deleted, and
