@@ -132,28 +132,33 @@ impl Holder for LeaseHolder {
 
     async fn release(&mut self) -> Result<(), LeaseError> {
         let (cfg, limit) = (&self.cfg, self.cfg.timings.retry_period());
-        let Some(mut lease) = bounded("get", limit, self.api.get_opt(&cfg.name)).await? else {
-            return Ok(());
-        };
-        let Some(spec) = lease
-            .spec
-            .as_ref()
-            .filter(|s| s.holder_identity.as_deref() == Some(&cfg.identity))
-        else {
-            return Ok(());
-        };
-        lease.spec = Some(released_spec(spec, Timestamp::now()));
-        // resourceVersion makes this a compare-and-swap: a replica that took over meanwhile wins.
-        match bounded(
-            "release",
-            limit,
-            self.api.replace(&cfg.name, &PostParams::default(), &lease),
-        )
-        .await
-        {
-            Err(e) if e.is_conflict() => Ok(()),
-            other => other.map(|_| ()),
+        // A conflict means the Lease changed since our read: a replica that took over wins, but
+        // our own renewal may also have landed late, so read again and retry once.
+        for _ in 0..2 {
+            let Some(mut lease) = bounded("get", limit, self.api.get_opt(&cfg.name)).await? else {
+                return Ok(());
+            };
+            let Some(spec) = lease
+                .spec
+                .as_ref()
+                .filter(|s| s.holder_identity.as_deref() == Some(&cfg.identity))
+            else {
+                return Ok(());
+            };
+            lease.spec = Some(released_spec(spec, Timestamp::now()));
+            // resourceVersion makes this a compare-and-swap.
+            match bounded(
+                "release",
+                limit,
+                self.api.replace(&cfg.name, &PostParams::default(), &lease),
+            )
+            .await
+            {
+                Err(e) if e.is_conflict() => continue,
+                other => return other.map(|_| ()),
+            }
         }
+        Ok(())
     }
 }
 
