@@ -66,6 +66,27 @@ pub struct Replica {
     pub terminating: bool,
 }
 
+impl Replica {
+    /// The replica of pod `pod` (uid `pod_uid`) with state Secret `secret`, running as the
+    /// namespace's default ServiceAccount, owned by a controller, and nothing else known yet.
+    pub fn new(pod: &str, pod_uid: &str, secret: String) -> Self {
+        Self {
+            pod: pod.to_string(),
+            pod_uid: pod_uid.to_string(),
+            secret,
+            service_account: "default".to_string(),
+            statefulset: None,
+            slot: None,
+            gate: None,
+            spec_hash: None,
+            tailnet: BTreeMap::new(),
+            reset: None,
+            owned: true,
+            terminating: false,
+        }
+    }
+}
+
 /// True when a pod has finished for good (`Succeeded` or `Failed`: a Job's pod, an evicted pod).
 pub fn finished(pod: &Pod) -> bool {
     matches!(

@@ -171,18 +171,9 @@ mod tests {
 
     fn replica(pod: &str, sa: &str, gate: Option<usize>) -> Replica {
         Replica {
-            pod: pod.into(),
-            pod_uid: "u".into(),
-            secret: format!("ts-{pod}"),
             service_account: sa.into(),
-            statefulset: None,
-            slot: None,
             gate,
-            spec_hash: None,
-            tailnet: Default::default(),
-            reset: None,
-            owned: true,
-            terminating: false,
+            ..Replica::new(pod, "u", format!("ts-{pod}"))
         }
     }
 

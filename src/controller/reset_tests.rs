@@ -5,20 +5,7 @@ use k8s_openapi::ByteString;
 use super::*;
 
 fn replica(pod: &str, uid: &str) -> Replica {
-    Replica {
-        pod: pod.into(),
-        pod_uid: uid.into(),
-        secret: format!("ts-{pod}"),
-        service_account: "default".into(),
-        statefulset: None,
-        slot: None,
-        gate: None,
-        spec_hash: None,
-        tailnet: BTreeMap::new(),
-        reset: None,
-        owned: true,
-        terminating: false,
-    }
+    Replica::new(pod, uid, format!("ts-{pod}"))
 }
 
 fn sts(pod: &str, uid: &str) -> Replica {

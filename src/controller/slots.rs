@@ -261,19 +261,10 @@ pub fn plan<'a>(
 
 /// The state Secret of a new slot `slot` claimed by `pod` (uid `uid`).
 pub fn slot_state_secret(node: &TailscaleNode, pod: &str, uid: &str, slot: u32) -> Secret {
+    let secret = slot_secret_name(node.metadata.name.as_deref().unwrap_or_default(), slot);
     let replica = Replica {
-        pod: pod.to_string(),
-        pod_uid: uid.to_string(),
-        secret: slot_secret_name(node.metadata.name.as_deref().unwrap_or_default(), slot),
-        service_account: String::new(),
-        statefulset: None,
         slot: Some(slot),
-        gate: None,
-        spec_hash: None,
-        tailnet: BTreeMap::new(),
-        reset: None,
-        owned: true,
-        terminating: false,
+        ..Replica::new(pod, uid, secret)
     };
     state_secret(node, &replica)
 }

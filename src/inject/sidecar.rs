@@ -70,28 +70,12 @@ pub(super) fn add(spec: &mut PodSpec, plan: &Plan<'_>) -> Result<(), InjectError
     let image = spec_image(plan);
     let forwarding = super::forwarding::needed(plan.spec, plan.mode).then(|| super::forwarding::container(&image));
     if let Some(f) = &forwarding {
-        let taken = spec.init_containers.iter().flatten().chain(&spec.containers);
-        if taken.into_iter().any(|c| c.name == f.name) {
-            return Err(InjectError::NameTaken {
-                what: "container",
-                name: f.name.clone(),
-            });
-        }
+        container_name_free(spec, &f.name)?;
     }
-    let resolver =
-        super::dns::wanted(plan.spec).then(|| super::dns::container(plan.facts, plan.mode, plan.native, VOL_TMP));
-    if let Some(r) = &resolver
-        && spec
-            .init_containers
-            .iter()
-            .flatten()
-            .chain(&spec.containers)
-            .any(|c| c.name == r.name)
-    {
-        return Err(InjectError::NameTaken {
-            what: "container",
-            name: r.name.clone(),
-        });
+    let magic_dns = super::dns::wanted(plan.spec);
+    let resolver = magic_dns.then(|| super::dns::container(plan.facts, plan.mode, plan.native, VOL_TMP));
+    if let Some(r) = &resolver {
+        container_name_free(spec, &r.name)?;
     }
     if plan.native {
         let inits = spec.init_containers.get_or_insert_with(Vec::new);
@@ -104,30 +88,31 @@ pub(super) fn add(spec: &mut PodSpec, plan: &Plan<'_>) -> Result<(), InjectError
         spec.containers.push(container);
         spec.containers.extend(resolver);
     }
-    if super::dns::wanted(plan.spec) {
+    if magic_dns {
         super::dns::configure_pod(spec, plan.facts);
     }
     // First of all: the pod's network namespace is set before tailscaled starts routing.
     if let Some(ranges) = super::forwarding::local_ranges(plan.spec, plan.mode, &plan.facts.defaults.cluster_cidrs) {
         let local = super::forwarding::local_routes_container(&image, &ranges);
-        if spec
-            .init_containers
-            .iter()
-            .flatten()
-            .chain(&spec.containers)
-            .any(|c| c.name == local.name)
-        {
-            return Err(InjectError::NameTaken {
-                what: "container",
-                name: local.name,
-            });
-        }
+        container_name_free(spec, &local.name)?;
         spec.init_containers.get_or_insert_with(Vec::new).insert(0, local);
     }
     if let Some(f) = forwarding {
         spec.init_containers.get_or_insert_with(Vec::new).insert(0, f);
     }
     spec.volumes.get_or_insert_with(Vec::new).extend(volumes);
+    Ok(())
+}
+
+/// Refuses a pod that already has a container (of any kind) named `name`, which tailnode adds.
+fn container_name_free(spec: &PodSpec, name: &str) -> Result<(), InjectError> {
+    let mut all = spec.init_containers.iter().flatten().chain(&spec.containers);
+    if all.any(|c| c.name == name) {
+        return Err(InjectError::NameTaken {
+            what: "container",
+            name: name.to_string(),
+        });
+    }
     Ok(())
 }
 
