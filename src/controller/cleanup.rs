@@ -74,6 +74,9 @@ pub(super) async fn cleanup(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Resu
     }
     let rbac = desired::rbac_name(&node);
     ctx.applied.forget_prefix(&format!("{ns}/"));
+    if let Some(uid) = node.metadata.uid.as_deref() {
+        ctx.rendered.forget(uid);
+    }
     let teardown = Step::Teardown;
     delete_ignoring_missing(&Api::<Role>::namespaced(ctx.client.clone(), &ns), &rbac, teardown).await?;
     delete_ignoring_missing(

@@ -12,6 +12,7 @@ pub mod fenced;
 pub mod gate;
 pub mod leader;
 pub mod reconcile;
+mod rendered;
 pub mod reset;
 mod reset_io;
 mod secrets;
@@ -220,6 +221,8 @@ pub struct Context {
     pub fence: fence::Fence,
     /// What was last written (Role, RoleBinding, serve ConfigMap), to skip identical writes.
     pub applied: applied::Applied,
+    /// Each node's `status.injection` (`--policy-injection`), rendered once per generation.
+    pub rendered: rendered::Rendered,
 }
 
 fn error_policy(node: Arc<TailscaleNode>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -283,6 +286,7 @@ pub async fn run(
         backoff: Backoff::default(),
         fence,
         applied: applied::Applied::default(),
+        rendered: rendered::Rendered::default(),
     });
     let to_node = |obj: &dyn Fn() -> (Option<String>, Option<String>)| {
         let (label, ns) = obj();

@@ -356,11 +356,12 @@ async fn apply(node: Arc<TailscaleNode>, ctx: Arc<Context>) -> Result<Action, Er
         &findings,
         Utc::now(),
     );
-    st.injection = ctx
-        .config
-        .policy_injection
-        .as_ref()
-        .and_then(|facts| serde_json::to_value(crate::inject::policy::render(&node, facts)).ok());
+    st.injection = ctx.config.policy_injection.as_ref().and_then(|facts| {
+        ctx.rendered
+            .get_or_render(node.metadata.uid.as_deref(), node.metadata.generation, || {
+                serde_json::to_value(crate::inject::policy::render(&node, facts)).ok()
+            })
+    });
     if node.status.as_ref() != Some(&st) {
         // Server-side apply with the operator's one field manager: the status is tailnode's.
         let patch = json!({"apiVersion": "tailnode.dev/v1alpha1", "kind": "TailscaleNode", "status": st});
