@@ -295,9 +295,7 @@ pub struct DefaultsArgs {
 
 /// Checks a DNS server address: `IP` (port 53) or `IP:port`, IPv6 as `[addr]:port`.
 fn parse_dns_server(text: &str) -> Result<String, String> {
-    crate::dnsproxy::parse_server(text.trim())
-        .map(|a| a.to_string())
-        .ok_or_else(|| format!("{text:?} is not a DNS server address such as 10.96.0.10 or 10.96.0.10:53"))
+    parse_dns_server_addr(text).map(|a| a.to_string())
 }
 
 /// Checks a cluster domain: DNS labels separated by dots, no trailing dot.

@@ -302,11 +302,17 @@ pub(crate) mod tests {
     proptest::proptest! {
         #[test]
         fn never_panics_on_any_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
+            // Whatever arrives, every reply made carries the query's id.
             if let Ok(q) = parse_query(&bytes) {
-                let _ = reply(&bytes, &q, SERVFAIL);
-                let _ = adopt_answer(&bytes, &q, &bytes);
+                let r = reply(&bytes, &q, SERVFAIL);
+                proptest::prop_assert_eq!(id_of(&r), id_of(&bytes));
+                if let Some(a) = adopt_answer(&bytes, &q, &bytes) {
+                    proptest::prop_assert_eq!(id_of(&a), id_of(&bytes));
+                }
             }
-            let _ = format_error(&bytes);
+            if let Some(e) = format_error(&bytes) {
+                proptest::prop_assert_eq!(id_of(&e), id_of(&bytes));
+            }
         }
     }
 }
